@@ -1,0 +1,111 @@
+"""The ``freezebench`` command line.
+
+    freezebench train policy=static trainer.epochs=3 optim.lr=0.05
+    freezebench train --config configs/digits_resnet20.yaml policy=full
+    freezebench list                      # registered policies, models, datasets
+    freezebench config policy=static      # print the resolved config, train nothing
+
+Errors a user can fix print one line (no traceback unless ``--debug``) and exit with status 2; a run that
+fails after it started is marked FAILED in MLflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from collections.abc import Sequence
+
+from .errors import FreezebenchError
+
+
+def _split_overrides(items: Sequence[str]) -> list[str]:
+    """Overrides may come as one string (``mlflow run -P overrides="a=1 b=2"``): split on shell rules."""
+    out: list[str] = []
+    for item in items:
+        out.extend(shlex.split(item) if (" " in item.strip() or not item.strip()) else [item])
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="freezebench", description="Layer-freezing policies on one trainer.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train one model with one freezing policy (one MLflow run)")
+    t.add_argument("--config", "-c", help="YAML preset: a path or a name in configs/")
+    t.add_argument("overrides", nargs="*", help="config overrides key=value (policy=NAME selects a policy)")
+    t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    c = sub.add_parser("config", help="print the resolved config without training")
+    c.add_argument("--config", "-c", help="YAML preset: a path or a name in configs/")
+    c.add_argument("overrides", nargs="*", help="config overrides key=value")
+    c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    ls = sub.add_parser("list", help="list registered policies, models and datasets")
+    ls.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return p
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .trainer import Trainer
+
+    cfg = load_config(_split_overrides(args.overrides), preset=args.config)
+    trainer = Trainer(cfg)
+    result = trainer.fit()
+    m = result.metrics
+    saving = 100 * m.get("cost/saving_frac", 0.0)
+    print(
+        f"\n{trainer.run_name}: val/acc {m.get('val/acc', float('nan')):.4f}  "
+        f"time {m['time/total_s']:.1f}s (train {sum(h['time/train_s'] for h in result.history):.1f}s, "
+        f"policy {m['time/policy_total_s']:.2f}s)  "
+        f"{m['cost/tflops']:.4f} TFLOPs ({saving:.1f}% below full training)  "
+        f"peak {m['mem/peak_mb']:.0f} MB  frozen {int(m['freeze/frozen_units'])}/{len(trainer.units) - 1} units"
+    )
+    if result.run_id:
+        uri = trainer.tracker.uri
+        print(f"MLflow run {result.run_id} in {uri}; browse with: mlflow ui --backend-store-uri {uri}")
+    if result.checkpoint:
+        print(f"final weights: {result.checkpoint}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from .config import load_config, to_yaml
+
+    print(to_yaml(load_config(_split_overrides(args.overrides), preset=args.config)), end="")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from .registry import DATASETS, MODELS, POLICIES
+
+    for title, reg in (("policies", POLICIES), ("models", MODELS), ("datasets", DATASETS)):
+        print(f"{title}: {', '.join(reg.names())}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "config": cmd_config, "list": cmd_list}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    debug = getattr(args, "debug", False)
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except FreezebenchError as e:
+        if debug:
+            raise
+        print(f"freezebench: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("freezebench: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""Configuration: OmegaConf structured configs, YAML presets and command-line overrides.
+
+    freezebench train policy=static policy.fraction=0.5 trainer.epochs=3 optim.lr=0.05
+    freezebench train --config configs/digits_resnet20.yaml model.name=tiny
+
+Resolution order: the dataclass defaults below, then the preset YAML (``--config``), then the command
+line (``key=value`` in OmegaConf dot-list syntax). ``policy=<name>`` selects that policy's own config
+group: the dataclass ``Config`` of the registered policy class, so ``policy.<knob>`` keys are validated
+against the chosen policy. Unknown keys and wrong types raise :class:`ConfigError` naming the key and
+suggesting the nearest known one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import errors as oc_errors
+
+from .errors import ConfigError, did_you_mean
+from .policy import PolicyConfig
+
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet20"  # zoo name: see `freezebench list` (resnet20/32/56, resnet18/50, vgg11_bn, ...)
+    pretrained: bool = False  # load torchvision's ImageNet weights (needs them cached locally or internet)
+    checkpoint: str | None = None  # start from these weights (a freezebench checkpoint or a state dict)
+    granularity: str = "auto"  # units to freeze: layer | block | auto (the policy's own preference)
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"  # digits (embedded default) | cifar10 | cifar100 | imagefolder | synthetic
+    root: str = "./data"  # folder holding CIFAR / ImageFolder data
+    download: bool = False  # download CIFAR into root when absent (needs the internet)
+    batch_size: int = 32  # training batch size (the SmartFRZ paper uses 32)
+    eval_batch_size: int = 512  # evaluation batch size
+    augment: bool = True  # standard augmentation (random crop + flip) for CIFAR/imagefolder; digits: none
+    val_fraction: float = 0.2  # digits/synthetic: held-out fraction (stratified, split_seed)
+    split_seed: int = 0  # seed of the train/val split (fixed across runs so runs are comparable)
+    train_subset: int | None = None  # use only the first N training samples (quick experiments)
+    image_size: int | None = None  # imagefolder: resize to this size (default 224); others: native size
+    num_workers: int = 0  # DataLoader workers (imagefolder only; tensor datasets need none)
+    synthetic_samples: int = 512  # synthetic: number of samples (train + val)
+    synthetic_classes: int = 4  # synthetic: number of classes
+    synthetic_size: int = 8  # synthetic: image side in pixels
+    synthetic_channels: int = 3  # synthetic: image channels
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd (with momentum, as the SmartFRZ paper) | adamw
+    lr: float = 0.05  # base learning rate (peak, after warm-up)
+    momentum: float = 0.9  # sgd momentum
+    nesterov: bool = False  # sgd: Nesterov momentum
+    weight_decay: float = 5e-4  # L2 (sgd) or decoupled (adamw) weight decay
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw betas
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"  # cosine (annealed per step to min_lr_factor) | constant | step
+    warmup_epochs: float = 0.0  # linear warm-up length in epochs (fractions allowed)
+    min_lr_factor: float = 0.0  # cosine: final lr as a fraction of optim.lr
+    milestones: list[float] = field(default_factory=list)  # step: epochs at which lr is multiplied by gamma
+    gamma: float = 0.1  # step: multiplicative decay at each milestone
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 10  # training epochs
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 uses a gradient scaler, CUDA only)
+    channels_last: bool = False  # CUDA: channels_last memory format for conv nets
+    seed: int = 0  # seeds Python, NumPy and torch (and the data order)
+    deterministic: bool = True  # deterministic kernels (bit-reproducible on CPU)
+    probe_batch_size: int = 64  # size of the fixed, seeded probe batch for activation signals
+    max_steps_per_epoch: int | None = None  # cap the steps per epoch (quick runs, benchmarks)
+    eval_every: int = 1  # evaluate every N epochs (the last epoch is always evaluated)
+    progress: bool = True  # progress bar while training
+    check_finite_every: int = 25  # check the loss for NaN/inf every N steps (each check syncs the device)
+    output_dir: str = "outputs"  # local folder for checkpoints and run files
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True  # log the run to MLflow (false: library use, nothing written)
+    uri: str | None = None  # tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    experiment: str = "freezebench"  # MLflow experiment name
+    run_name: str | None = None  # default: <policy>-<model>-<dataset>-s<seed>
+    log_checkpoint: bool = True  # log the final weights as an artifact (the CKA oracle reads them)
+    system_metrics: bool = True  # MLflow system metrics (CPU, memory, GPU) sampled in the background
+    tags: dict[str, str] = field(default_factory=dict)  # extra tags for the run
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    policy: Any = field(default_factory=PolicyConfig)  # the chosen policy's own Config dataclass
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.granularity": ("auto", "layer", "block"),
+    "optim.name": ("sgd", "adamw"),
+    "schedule.name": ("cosine", "constant", "step"),
+    "trainer.precision": ("fp32", "bf16", "fp16"),
+}
+
+
+def _policy_class(name: str) -> type:
+    from .registry import POLICIES
+
+    return POLICIES.get(name)
+
+
+def _policy_node(name: str) -> DictConfig:
+    cls = _policy_class(name)
+    node = OmegaConf.structured(cls.Config(name=name))
+    return node
+
+
+def _all_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    if isinstance(node, DictConfig):
+        for k in node.keys():
+            full = f"{prefix}{k}"
+            keys.append(full)
+            child = node._get_node(k)
+            if isinstance(child, DictConfig):
+                keys.extend(_all_keys(child, full + "."))
+    return keys
+
+
+def _parse_overrides(overrides: list[str]) -> list[str]:
+    out = []
+    for o in overrides:
+        o = o.strip()
+        if not o:
+            continue
+        if "=" not in o:
+            raise ConfigError(f"override {o!r} is not of the form key=value (e.g. trainer.epochs=3)")
+        key = o.split("=", 1)[0].strip()
+        if not key:
+            raise ConfigError(f"override {o!r} has an empty key")
+        out.append(o)
+    return out
+
+
+def _find_preset(path: str) -> Path:
+    p = Path(path)
+    candidates = [p, REPO_CONFIGS / p, REPO_CONFIGS / f"{path}.yaml"]
+    for c in candidates:
+        if c.is_file():
+            return c
+    known = sorted(x.stem for x in REPO_CONFIGS.glob("*.yaml")) if REPO_CONFIGS.is_dir() else []
+    raise ConfigError(f"config preset {path!r} not found.{did_you_mean(path, known)} Presets: {', '.join(known)}")
+
+
+def _oc_message(e: Exception, base: DictConfig) -> str:
+    key = getattr(e, "full_key", None) or ""
+    msg = getattr(e, "msg", None) or str(e).splitlines()[0]
+    if isinstance(e, oc_errors.ConfigKeyError) or "not in struct" in str(e) or "Key '" in str(e):
+        return f"unknown config key {key!r}.{did_you_mean(key, _all_keys(base))}"
+    first = msg.splitlines()[0]
+    return f"invalid value for {key!r}: {first}" if key else first
+
+
+def load_config(overrides: list[str] | None = None, preset: str | None = None) -> DictConfig:
+    """Build and validate the run configuration. Raises :class:`ConfigError` on bad input."""
+    overrides = _parse_overrides(list(overrides or []))
+    preset_cfg: DictConfig | None = None
+    if preset:
+        path = _find_preset(preset)
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as e:  # YAML syntax errors
+            raise ConfigError(f"cannot read preset {path}: {e}") from e
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"preset {path} must be a mapping of config groups")
+        if isinstance(loaded.get("policy"), str):
+            loaded.policy = {"name": loaded.policy}
+        preset_cfg = loaded
+
+    # which policy? the command line wins over the preset
+    policy_name = "full"
+    if preset_cfg is not None and "policy" in preset_cfg and "name" in preset_cfg.policy:
+        policy_name = str(preset_cfg.policy.name)
+    rest = []
+    for o in overrides:
+        key, value = (s.strip() for s in o.split("=", 1))
+        if key in ("policy", "policy.name"):
+            policy_name = value
+        else:
+            rest.append(o)
+
+    base: DictConfig = OmegaConf.structured(Config)
+    base.policy = _policy_node(policy_name)
+    OmegaConf.set_struct(base, True)
+    try:
+        if preset_cfg is not None:
+            preset_cfg = preset_cfg.copy()
+            if "policy" in preset_cfg:
+                preset_cfg.policy.name = policy_name
+            base = OmegaConf.merge(base, preset_cfg)
+        if rest:
+            dot = OmegaConf.from_dotlist(rest)
+            base = OmegaConf.merge(base, dot)
+    except oc_errors.OmegaConfBaseException as e:
+        raise ConfigError(_oc_message(e, base)) from None
+    validate(base)
+    return base
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks OmegaConf cannot express: choices and ranges."""
+    for key, choices in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}.{did_you_mean(str(value), choices)}")
+    positive = ["trainer.epochs", "data.batch_size", "data.eval_batch_size", "trainer.probe_batch_size",
+                "trainer.check_finite_every"]
+    for key in positive:
+        if OmegaConf.select(cfg, key) <= 0:
+            raise ConfigError(f"{key} must be positive, got {OmegaConf.select(cfg, key)}")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr must be positive, got {cfg.optim.lr}")
+    if not 0.0 < cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
+    if cfg.trainer.max_steps_per_epoch is not None and cfg.trainer.max_steps_per_epoch <= 0:
+        raise ConfigError("trainer.max_steps_per_epoch must be positive or null")
+    if cfg.trainer.eval_every < 0:
+        raise ConfigError("trainer.eval_every must be >= 0")
+    dev = cfg.trainer.device
+    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise ConfigError(f"trainer.device={dev!r}: use auto, cpu, cuda or cuda:N")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError("optim.betas must have two values")
+    cls = _policy_class(cfg.policy.name)
+    check = getattr(cls, "validate_config", None)
+    if check is not None:
+        check(cfg.policy)
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def flatten(cfg: DictConfig) -> dict[str, Any]:
+    """Dotted key -> value for every leaf (lists kept as strings), for MLflow params."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, DictConfig):
+            for k in node.keys():
+                walk(node[k], f"{prefix}{k}.")
+        elif isinstance(node, ListConfig):
+            out[prefix[:-1]] = str(list(node))
+        else:
+            out[prefix[:-1]] = node
+
+    walk(cfg, "")
+    return out

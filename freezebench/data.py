@@ -1,0 +1,307 @@
+"""Datasets and loaders.
+
+Every dataset yields batches ``(x, y, idx)``: inputs, labels and the samples' indices in the training set
+(per-sample signals such as data sieving need them). Small datasets (digits, CIFAR, synthetic) are held as
+tensors, batched by :class:`TensorLoader` with vectorised augmentation (no worker processes, no per-sample
+Python); folders of images go through a ``torch.utils.data.DataLoader``.
+
+Registered datasets (``data.name``):
+
+* ``digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 real images, 10 classes), the embedded
+  default that needs no download; a stratified, seeded train/val split (``data.val_fraction``,
+  ``data.split_seed``). Pixel values scaled to [0, 1] and standardised with the training mean/std.
+* ``cifar10`` / ``cifar100``: torchvision's CIFAR from ``data.root`` (``data.download=true`` fetches it when
+  the machine has the internet); standard augmentation (4-pixel padded random crop + horizontal flip).
+* ``imagefolder``: ``data.root/train/<class>/*`` and ``data.root/val/<class>/*`` (ImageNet layout).
+* ``synthetic``: seeded Gaussian class blobs in image shape, for tests.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import DatasetNotFoundError
+from .registry import DATASETS
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    name: str
+    num_classes: int
+    in_channels: int
+    image_size: int
+    num_train: int
+    num_val: int
+    random_augmentation: bool  # whether training inputs change from epoch to epoch
+
+
+class TensorLoader:
+    """Batches of a tensor dataset, shuffled with a seeded generator per epoch, augmented on the fly.
+
+    ``set_epoch(e)`` fixes the order of epoch ``e`` (seed + e), so a run's data order is reproducible and
+    resumable. Tensors live on ``device`` when given (the whole dataset is moved once).
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        seed: int = 0,
+        augment: bool = False,
+        mean: torch.Tensor | None = None,
+        std: torch.Tensor | None = None,
+        drop_last: bool = False,
+        device: torch.device | str | None = None,
+    ):
+        device = torch.device(device) if device is not None else x.device
+        self.x = x.to(device)
+        self.y = y.to(device)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.augment = augment
+        self.mean = None if mean is None else mean.to(device).view(1, -1, 1, 1)
+        self.std = None if std is None else std.to(device).view(1, -1, 1, 1)
+        self.drop_last = drop_last
+        self.epoch = 0
+        self.device = device
+
+    def __len__(self) -> int:
+        n = len(self.x)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _prepare(self, xb: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        xb = xb.float() / 255.0 if xb.dtype == torch.uint8 else xb.float()
+        if self.augment and gen is not None:
+            xb = random_crop_flip(xb, pad=4, gen=gen)
+        if self.mean is not None:
+            xb = (xb - self.mean) / self.std
+        return xb
+
+    def __iter__(self) -> Iterator[Batch]:
+        n = len(self.x)
+        gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
+        order = order.to(self.device)
+        for b in range(len(self)):
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            yield self._prepare(self.x[idx], gen if self.augment else None), self.y[idx], idx
+
+
+def random_crop_flip(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
+    """Vectorised random crop (zero padding ``pad``) and horizontal flip of a batch (N, C, H, W)."""
+    n, c, h, w = x.shape
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
+    flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    rows = (dy.view(n, 1) + torch.arange(h, device=x.device).view(1, h))  # (n, h)
+    cols = (dx.view(n, 1) + torch.arange(w, device=x.device).view(1, w))  # (n, w)
+    cols = torch.where(flip.view(n, 1), cols.flip(1), cols)
+    bidx = torch.arange(n, device=x.device).view(n, 1, 1)
+    out = padded.permute(0, 2, 3, 1)[bidx, rows.view(n, h, 1), cols.view(n, 1, w)]  # (n, h, w, c)
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+class IndexedDataset(torch.utils.data.Dataset):
+    """Wraps a map-style dataset so items come with their index: ``(x, y, idx)``."""
+
+    def __init__(self, base: Any):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> tuple[Any, Any, int]:
+        x, y = self.base[i]
+        return x, y, i
+
+
+class FolderLoader:
+    """A DataLoader over an :class:`IndexedDataset` with a per-epoch seeded shuffle and device copies."""
+
+    def __init__(self, ds: Any, batch_size: int, *, shuffle: bool, seed: int, num_workers: int, device: Any):
+        self.ds = IndexedDataset(ds)
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.num_workers, self.device, self.epoch = num_workers, torch.device(device), 0
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.ds) / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[Batch]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        dl = torch.utils.data.DataLoader(
+            self.ds, batch_size=self.batch_size, shuffle=self.shuffle, generator=gen,
+            num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
+        )
+        for x, y, i in dl:
+            nb = self.device.type == "cuda"
+            yield x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb), i.to(self.device)
+
+
+@dataclass
+class DataBundle:
+    """A dataset ready for training: info, loaders and the fixed probe batch."""
+
+    info: DataInfo
+    train: Any  # TensorLoader | FolderLoader
+    val: Any
+
+    def probe_batch(self, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A fixed, seeded subset of the training set without augmentation (for activation signals)."""
+        base = self.train
+        n = len(base.x) if isinstance(base, TensorLoader) else len(base.ds)
+        size = min(size, n)
+        gen = torch.Generator().manual_seed(10_007 + seed)
+        idx = torch.randperm(n, generator=gen)[:size]
+        if isinstance(base, TensorLoader):
+            i = idx.to(base.device)
+            return base._prepare(base.x[i], None), base.y[i]
+        xs, ys = zip(*(base.ds.base[int(j)] for j in idx))
+        return torch.stack(xs).to(base.device), torch.as_tensor(ys).to(base.device)
+
+
+def _split(n: int, labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(n)
+    tr, va = train_test_split(idx, test_size=val_fraction, random_state=seed, stratify=labels)
+    return np.sort(tr), np.sort(va)
+
+
+def _tensor_bundle(name: str, x: torch.Tensor, y: torch.Tensor, xv: torch.Tensor, yv: torch.Tensor,
+                   num_classes: int, cfg: Any, seed: int, device: Any, augment: bool,
+                   mean: torch.Tensor | None = None, std: torch.Tensor | None = None) -> DataBundle:
+    if cfg.train_subset is not None:
+        x, y = x[: cfg.train_subset], y[: cfg.train_subset]
+    info = DataInfo(name, num_classes, x.shape[1], x.shape[-1], len(x), len(xv), augment)
+    train = TensorLoader(x, y, cfg.batch_size, shuffle=True, seed=seed, augment=augment, mean=mean, std=std,
+                         device=device)
+    val = TensorLoader(xv, yv, cfg.eval_batch_size, shuffle=False, mean=mean, std=std, device=device)
+    return DataBundle(info, train, val)
+
+
+@DATASETS.register("digits")
+def digits(cfg: Any, *, seed: int, device: Any) -> DataBundle:
+    """scikit-learn's bundled 8x8 digits (no download); values in 0..16 scaled to [0, 1], standardised."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (1797, 1, 8, 8)
+    labels = torch.tensor(d.target, dtype=torch.long)
+    tr, va = _split(len(labels), d.target, cfg.val_fraction, cfg.split_seed)
+    x, y = images[tr], labels[tr]
+    mean, std = x.mean().view(1), x.std().view(1)
+    return _tensor_bundle("digits", x, y, images[va], labels[va], 10, cfg, seed, device, augment=False,
+                          mean=mean, std=std)
+
+
+@DATASETS.register("synthetic")
+def synthetic(cfg: Any, *, seed: int, device: Any) -> DataBundle:
+    """Seeded Gaussian blobs shaped like images: each class has its own mean image (learnable, for tests)."""
+    g = torch.Generator().manual_seed(cfg.split_seed)
+    n, k, c, s = cfg.synthetic_samples, cfg.synthetic_classes, cfg.synthetic_channels, cfg.synthetic_size
+    centres = torch.randn(k, c, s, s, generator=g)
+    labels = torch.arange(n) % k
+    images = centres[labels] + 0.8 * torch.randn(n, c, s, s, generator=g)
+    tr, va = _split(n, labels.numpy(), cfg.val_fraction, cfg.split_seed)
+    return _tensor_bundle("synthetic", images[tr], labels[tr], images[va], labels[va], k, cfg, seed, device,
+                          augment=False)
+
+
+CIFAR_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+
+
+def _cifar(name: str, cfg: Any, seed: int, device: Any) -> DataBundle:
+    import torchvision
+
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    root = Path(cfg.root).expanduser()
+    try:
+        train = cls(str(root), train=True, download=cfg.download)
+        test = cls(str(root), train=False, download=cfg.download)
+    except RuntimeError as e:
+        folder = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
+        raise DatasetNotFoundError(
+            f"{name} not found under {root.resolve()} (expected {folder}/ there). Place the extracted "
+            f"python version of {name} in that folder, point data.root at it, or pass data.download=true on "
+            f"a machine with internet access. ({e})"
+        ) from None
+    except OSError as e:  # download attempted without network
+        raise DatasetNotFoundError(f"could not download {name} into {root}: {e}") from None
+    x = torch.from_numpy(train.data).permute(0, 3, 1, 2).contiguous()  # uint8 (N, 3, 32, 32)
+    xv = torch.from_numpy(test.data).permute(0, 3, 1, 2).contiguous()
+    y, yv = torch.tensor(train.targets), torch.tensor(test.targets)
+    mean, std = (torch.tensor(v) for v in CIFAR_STATS[name])
+    return _tensor_bundle(name, x, y, xv, yv, 10 if name == "cifar10" else 100, cfg, seed, device,
+                          augment=cfg.augment, mean=mean, std=std)
+
+
+@DATASETS.register("cifar10")
+def cifar10(cfg: Any, *, seed: int, device: Any) -> DataBundle:
+    """CIFAR-10 from ``data.root`` (Krizhevsky 2009); the test split serves as validation set."""
+    return _cifar("cifar10", cfg, seed, device)
+
+
+@DATASETS.register("cifar100")
+def cifar100(cfg: Any, *, seed: int, device: Any) -> DataBundle:
+    """CIFAR-100 from ``data.root`` (Krizhevsky 2009); the test split serves as validation set."""
+    return _cifar("cifar100", cfg, seed, device)
+
+
+@DATASETS.register("imagefolder")
+def imagefolder(cfg: Any, *, seed: int, device: Any) -> DataBundle:
+    """``root/train/<class>/*.jpg`` and ``root/val/<class>/*.jpg``; ImageNet-style transforms."""
+    import torchvision.transforms as T
+    from torchvision.datasets import ImageFolder
+
+    root = Path(cfg.root).expanduser()
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise DatasetNotFoundError(
+                f"imagefolder needs {root.resolve() / split}/<class>/<image> folders; set data.root to a folder "
+                f"holding train/ and val/"
+            )
+    size = cfg.image_size or 224
+    norm = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    if cfg.augment:
+        tt = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+    else:
+        tt = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), norm])
+    tv = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), norm])
+    train = ImageFolder(str(root / "train"), transform=tt)
+    val = ImageFolder(str(root / "val"), transform=tv)
+    if cfg.train_subset is not None:
+        train = torch.utils.data.Subset(train, range(min(cfg.train_subset, len(train))))
+    classes = len(val.classes)
+    info = DataInfo("imagefolder", classes, 3, size, len(train), len(val), cfg.augment)
+    tl = FolderLoader(train, cfg.batch_size, shuffle=True, seed=seed, num_workers=cfg.num_workers, device=device)
+    vl = FolderLoader(val, cfg.eval_batch_size, shuffle=False, seed=seed, num_workers=cfg.num_workers,
+                      device=device)
+    return DataBundle(info, tl, vl)
+
+
+def build_data(cfg: Any, *, seed: int, device: Any) -> DataBundle:
+    """Build the dataset named ``cfg.name`` (clear error listing the known names when unknown)."""
+    return DATASETS.get(cfg.name)(cfg, seed=seed, device=device)

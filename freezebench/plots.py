@@ -1,0 +1,53 @@
+"""Plots of a run: the freeze timeline (unit vs epoch, like Figure 5b of the SmartFRZ paper)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def freeze_timeline(unit_names: Sequence[str], events: Sequence[Any], epochs: float, title: str = "") -> Any:
+    """A horizontal bar per unit: trained (blue) until it is frozen, frozen (grey) after.
+
+    ``events`` are :class:`freezebench.freezer.FreezeEvent` objects (or dicts with unit/epoch/action).
+    """
+    L = len(unit_names)
+    fig, ax = plt.subplots(figsize=(8, max(2.5, 0.22 * L + 1.2)))
+    spans: dict[int, list[tuple[float, float, str]]] = {i: [] for i in range(L)}
+    state = {i: ("train", 0.0) for i in range(L)}
+    for ev in sorted(events, key=lambda e: _get(e, "epoch")):
+        u, ep, act = _get(ev, "unit"), float(_get(ev, "epoch")), _get(ev, "action")
+        kind, start = state[u]
+        new = "frozen" if act == "freeze" else "train"
+        if new != kind:
+            spans[u].append((start, ep, kind))
+            state[u] = (new, ep)
+    for u, (kind, start) in state.items():
+        spans[u].append((start, float(epochs), kind))
+    for u, segs in spans.items():
+        for a, b, kind in segs:
+            if b > a:
+                ax.barh(u, b - a, left=a, height=0.8, color="#3b75af" if kind == "train" else "#b9b9b9",
+                        edgecolor="none")
+    ax.set_yticks(range(L))
+    ax.set_yticklabels(unit_names, fontsize=6 if L > 30 else 8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, epochs)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("unit (forward order)")
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color="#3b75af", label="training"), Patch(color="#b9b9b9", label="frozen")],
+              loc="lower right", fontsize=8)
+    ax.set_title(title or "freeze timeline")
+    fig.tight_layout()
+    return fig
+
+
+def _get(ev: Any, key: str) -> Any:
+    return ev[key] if isinstance(ev, dict) else getattr(ev, key)

@@ -1,0 +1,151 @@
+"""MLflow tracking: one run per fit.
+
+Tracking URI: ``tracking.uri`` if set, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the
+working directory (MLflow 3's ``./mlruns`` file store is refused unless ``MLFLOW_ALLOW_FILE_STORE=true``).
+Under ``mlflow run`` the process attaches to the run MLflow created (``$MLFLOW_RUN_ID``) instead of
+starting a new one. ``tracking.enabled=false`` gives a :class:`NullTracker` that writes nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from .errors import TrackingError
+
+log = logging.getLogger(__name__)
+DEFAULT_URI = "sqlite:///mlflow.db"
+
+
+def resolve_uri(uri: str | None) -> str:
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+class NullTracker:
+    """Tracking switched off: every call is a no-op."""
+
+    run_id: str | None = None
+    uri: str | None = None
+
+    def start(self, run_name: str, tags: dict[str, str]) -> None: ...
+    def log_params(self, params: dict[str, Any]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_text(self, text: str, path: str) -> None: ...
+    def log_dict(self, data: Any, path: str) -> None: ...
+    def log_table(self, columns: dict[str, list[Any]], path: str) -> None: ...
+    def log_figure(self, fig: Any, path: str) -> None: ...
+    def log_artifact(self, local: str, folder: str | None = None) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+    def finish(self, status: str = "FINISHED") -> None: ...
+
+
+class MlflowTracker(NullTracker):
+    """Logs one fit to MLflow."""
+
+    def __init__(self, uri: str | None, experiment: str, system_metrics: bool = True):
+        import mlflow
+
+        self.mlflow = mlflow
+        self.uri = resolve_uri(uri)
+        self.experiment = experiment
+        self.system_metrics = system_metrics
+        self.run_id = None
+        self._client = None
+
+    def start(self, run_name: str, tags: dict[str, str]) -> None:
+        mlflow = self.mlflow
+        mlflow.set_tracking_uri(self.uri)
+        attach = os.environ.get("MLFLOW_RUN_ID")
+        try:
+            if attach:  # launched by `mlflow run`: the run exists already
+                run = mlflow.start_run(run_id=attach, log_system_metrics=self.system_metrics)
+            else:
+                if not os.environ.get("MLFLOW_EXPERIMENT_ID"):
+                    mlflow.set_experiment(self.experiment)
+                run = mlflow.start_run(run_name=run_name, log_system_metrics=self.system_metrics)
+        except Exception as e:
+            raise TrackingError(
+                f"cannot start an MLflow run at {self.uri}: {str(e).splitlines()[0]}. Check the tracking URI "
+                f"(tracking.uri or $MLFLOW_TRACKING_URI), or pass tracking.enabled=false to train untracked."
+            ) from None
+        self.run_id = run.info.run_id
+        self._client = mlflow.tracking.MlflowClient(self.uri)
+        if attach:
+            tags = {**tags, "mlflow.runName": run_name}
+        self.set_tags(tags)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self._client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        existing = self._client.get_run(self.run_id).data.params
+        items = [Param(k, str(v)) for k, v in params.items() if k not in existing]
+        for i in range(0, len(items), 100):
+            self._client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        self._client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+
+    def log_text(self, text: str, path: str) -> None:
+        self._client.log_text(self.run_id, text, path)
+
+    def log_dict(self, data: Any, path: str) -> None:
+        self._client.log_text(self.run_id, json.dumps(data, indent=2, default=str), path)
+
+    def log_table(self, columns: dict[str, list[Any]], path: str) -> None:
+        self._client.log_table(self.run_id, data=columns, artifact_file=path)
+
+    def log_figure(self, fig: Any, path: str) -> None:
+        self._client.log_figure(self.run_id, fig, path)
+
+    def log_artifact(self, local: str, folder: str | None = None) -> None:
+        self._client.log_artifact(self.run_id, local, folder)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.run_id is None:
+            return
+        try:
+            self.mlflow.end_run(status=status)
+        except Exception as e:  # never mask the original error of a failed run
+            log.warning("could not close MLflow run %s: %s", self.run_id, e)
+
+
+def make_tracker(cfg: Any) -> NullTracker:
+    if not cfg.enabled:
+        return NullTracker()
+    return MlflowTracker(cfg.uri, cfg.experiment, cfg.system_metrics)
+
+
+def csv_text(columns: dict[str, list[Any]]) -> str:
+    import csv
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    keys = list(columns)
+    w.writerow(keys)
+    for row in zip(*(columns[k] for k in keys)):
+        w.writerow(row)
+    return buf.getvalue()

@@ -1,0 +1,477 @@
+"""The shared trainer: one training loop for every policy, CPU and CUDA.
+
+    from freezebench.config import load_config
+    from freezebench.trainer import Trainer
+    result = Trainer(load_config(["policy=static", "trainer.epochs=3"])).fit()
+
+Per step: forward -> loss -> backward -> optimiser step -> [the signals the policy asked for] ->
+``policy.observe`` / ``policy.decide`` when due -> the freezer applies the decision. Per epoch: evaluation,
+accounting (FLOPs under :mod:`freezebench.cost`, wall time split into train / eval / policy, peak memory,
+frozen units), MLflow metrics. At the end: the freeze events, a timeline plot, a summary and the final
+weights are logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import resource
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from . import __version__
+from .config import flatten, to_yaml
+from .cost import CostModel
+from .data import DataBundle, build_data
+from .errors import ConfigError, NonFiniteLossError
+from .freezer import FreezeEvent, Freezer, param_groups
+from .policy import Decision, FreezePolicy, Plan, Signal, Signals
+from .registry import MODELS, POLICIES
+from .tracking import NullTracker, csv_text, git_commit, make_tracker
+from .units import Partition, partition
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    """What a fit produced (also logged to MLflow as ``summary.json``)."""
+
+    run_id: str | None
+    metrics: dict[str, float]  # final values: val/acc, val/loss, time/total_s, cost/tflops, ...
+    history: list[dict[str, float]] = field(default_factory=list)  # per-epoch metrics
+    events: list[FreezeEvent] = field(default_factory=list)
+    unit_names: list[str] = field(default_factory=list)
+    checkpoint: str | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device={name} but no CUDA device is available; use trainer.device=cpu")
+    return dev
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    # denormal floats make CPU kernels up to 100x slower once gradients get tiny late in training
+    torch.set_flush_denormal(True)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA allocator peak on GPU; peak resident set size of the process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def lr_factor(cfg: Any, step: int, steps_per_epoch: int, total_steps: int) -> float:
+    """Global learning-rate multiplier for optimiser step ``step`` (0-based) under ``cfg`` (schedule.*)."""
+    warm = int(round(cfg.warmup_epochs * steps_per_epoch))
+    if step < warm:
+        return (step + 1) / warm
+    if cfg.name == "constant":
+        return 1.0
+    if cfg.name == "step":
+        epoch = step / steps_per_epoch
+        return cfg.gamma ** sum(1 for m in cfg.milestones if epoch >= m)
+    progress = (step - warm) / max(1, total_steps - warm)
+    return cfg.min_lr_factor + (1 - cfg.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(cfg: Any, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    for g in groups:
+        g["base_lr"] = cfg.lr
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+
+
+class Trainer:
+    """Builds model, data, policy and tracking from a config and trains.
+
+    ``model``, ``data`` and ``policy`` may be passed in to override what the config would build (tests,
+    benchmarks, library use).
+    """
+
+    def __init__(self, cfg: DictConfig, *, model: torch.nn.Module | None = None, data: DataBundle | None = None,
+                 policy: FreezePolicy | None = None):
+        self.cfg = cfg
+        tc = cfg.trainer
+        self.device = resolve_device(tc.device)
+        if tc.precision == "fp16" and self.device.type != "cuda":
+            raise ConfigError("trainer.precision=fp16 needs CUDA; use bf16 or fp32 on CPU")
+        seed_everything(tc.seed, tc.deterministic)
+        self.data = data if data is not None else build_data(cfg.data, seed=tc.seed, device=self.device)
+        info = self.data.info
+        if model is None:
+            from .models import build_model
+
+            MODELS.get(cfg.model.name)  # clear error for unknown names before anything else
+            model = build_model(cfg.model.name, num_classes=info.num_classes, in_channels=info.in_channels,
+                                image_size=info.image_size, pretrained=cfg.model.pretrained,
+                                checkpoint=cfg.model.checkpoint)
+        self.model = model.to(self.device)
+        if tc.channels_last and self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        if policy is None:
+            cls = POLICIES.get(cfg.policy.name)
+            policy = cls(OmegaConf.to_object(cfg.policy))
+        self.policy = policy
+        gran = cfg.model.granularity if cfg.model.granularity != "auto" else type(policy).granularity
+        probe_x, _ = self.data.probe_batch(2, seed=tc.seed)
+        self.partition: Partition = partition(self.model, probe_x, gran)
+        self.units = self.partition.units
+        self.cost = CostModel([u.flops for u in self.units], self.partition.other_flops)
+        self.optimizer = build_optimizer(cfg.optim, param_groups(self.units, self.partition.other_params))
+        self.freezer = Freezer(self.model, self.units, self.optimizer, allow_unfreeze=type(policy).allows_unfreeze)
+        steps = len(self.data.train)
+        if tc.max_steps_per_epoch:
+            steps = min(steps, tc.max_steps_per_epoch)
+        self.plan = Plan(epochs=tc.epochs, steps_per_epoch=steps, batch_size=cfg.data.batch_size,
+                         base_lr=cfg.optim.lr, seed=tc.seed, device=str(self.device))
+        self.policy.setup(self.units, self.plan)
+        self.needs = frozenset(type(policy).needs)
+        self.lr_override: dict[int, float] = {}
+        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[tc.precision]
+        self.scaler = torch.amp.GradScaler("cuda") if tc.precision == "fp16" else None
+        self._probe: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.step = 0
+        self.policy_time = 0.0
+        self.tracker: NullTracker = make_tracker(cfg.tracking)
+
+    # --- names ---------------------------------------------------------------------------------------
+    @property
+    def run_name(self) -> str:
+        c = self.cfg
+        return c.tracking.run_name or f"{c.policy.name}-{c.model.name}-{c.data.name}-s{c.trainer.seed}"
+
+    def tags(self) -> dict[str, str]:
+        c = self.cfg
+        tags = {"policy": c.policy.name, "model": c.model.name, "dataset": c.data.name,
+                "seed": str(c.trainer.seed), "freezebench_version": __version__,
+                "granularity": self.partition.granularity, "device": str(self.device)}
+        commit = git_commit()
+        if commit:
+            tags["git_commit"] = commit
+        tags.update({k: str(v) for k, v in c.tracking.tags.items()})
+        return tags
+
+    # --- helpers -------------------------------------------------------------------------------------
+    def _autocast(self) -> Any:
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _set_lr(self, step: int) -> None:
+        factor = lr_factor(self.cfg.schedule, step, self.plan.steps_per_epoch, self.plan.total_steps)
+        self.current_lr_factor = factor
+        for g in self.optimizer.param_groups:
+            scale = self.lr_override.get(g.get("unit", -1))
+            g["lr"] = g["base_lr"] * (factor if scale is None else scale)
+
+    def probe(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._probe is None:
+            self._probe = self.data.probe_batch(self.cfg.trainer.probe_batch_size, seed=self.cfg.trainer.seed)
+        return self._probe
+
+    def unit_activations(self, units: list[int], x: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+        """Outputs of ``units`` on the probe batch (or ``x``), eval mode, no grad, flattened per input."""
+        if x is None:
+            x = self.probe()[0]
+        out: dict[int, torch.Tensor] = {}
+        handles = []
+        for i in units:
+            def hook(_m: Any, _a: Any, o: Any, i: int = i) -> None:
+                t = o[0] if isinstance(o, (tuple, list)) else o
+                out[i] = t.detach().float().reshape(t.shape[0], -1)
+            handles.append(self.units[i].output_module.register_forward_hook(hook))
+        self.model.eval()
+        try:
+            with torch.no_grad(), self._autocast():
+                self.model(x)
+        finally:
+            for h in handles:
+                h.remove()
+            self.freezer.train_mode()
+        return out
+
+    def _signals(self, step: int, losses: torch.Tensor, idx: torch.Tensor) -> Signals:
+        s = Signals(step=step, epoch=self.plan.epoch_of(step), units=self.units)
+        if Signal.ACTIVATIONS in self.needs:
+            s.activations = self.unit_activations(self.policy.probe_units())
+        if Signal.SAMPLE_LOSSES in self.needs:
+            s.sample_losses, s.sample_indices = losses.detach(), idx
+        return s
+
+    def apply(self, decision: Decision | None, step: int) -> list[FreezeEvent]:
+        """Apply a policy decision through the freezer (the only place that freezes)."""
+        if not decision:
+            return []
+        epoch = self.plan.epoch_of(step)
+        events = self.freezer.freeze(decision.freeze, step, epoch, decision.reason)
+        if decision.unfreeze:
+            events += self.freezer.unfreeze(decision.unfreeze, step, epoch, decision.reason)
+        for unit, scale in decision.lr_scale.items():
+            if scale is None:
+                self.lr_override.pop(unit, None)
+            else:
+                self.lr_override[unit] = float(scale)
+        if events:
+            self.policy.notify_frozen(frozenset(self.freezer.frozen))
+            self.step_cost = self.cost.step_flops(self.freezer.frozen)
+            for ev in events:
+                log.info("%s unit %d (%s) at step %d (epoch %.2f) %s", ev.action, ev.unit, ev.name, ev.step,
+                         ev.epoch, ev.reason)
+        if decision.lr_scale:
+            self._set_lr(step)
+        return events
+
+    def _policy_tick(self, step: int, losses: torch.Tensor, idx: torch.Tensor) -> None:
+        obs = self.policy.observe_at(step)
+        dec = self.policy.decide_at(step)
+        if not (obs or dec):
+            return
+        self._sync()
+        t0 = time.perf_counter()
+        if obs:
+            self.policy.observe(step, self._signals(step, losses, idx))
+        if dec:
+            self.apply(self.policy.decide(step), step)
+        self._sync()
+        self.policy_time += time.perf_counter() - t0
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float]:
+        self.model.eval()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        n = 0
+        for x, y, _ in self.data.val:
+            if self.cfg.trainer.channels_last and x.dim() == 4 and self.device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with self._autocast():
+                out = self.model(x)
+            loss_sum += F.cross_entropy(out.float(), y, reduction="sum")
+            correct += (out.argmax(1) == y).sum()
+            n += len(y)
+        self.freezer.train_mode()
+        return loss_sum.item() / max(n, 1), correct.item() / max(n, 1)
+
+    # --- the loop ------------------------------------------------------------------------------------
+    def fit(self) -> RunResult:
+        """Train, tracking the run in MLflow (marked FAILED if anything raises)."""
+        self.tracker.start(self.run_name, self.tags())
+        try:
+            self._log_start()
+            result = self._fit()
+            self._log_end(result)
+        except BaseException as e:
+            self.tracker.set_tags({"error": f"{type(e).__name__}: {str(e)[:400]}"}) if self.tracker.run_id else None
+            self.tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            raise
+        self.tracker.finish("FINISHED")
+        return result
+
+    def _log_start(self) -> None:
+        self.tracker.log_params(flatten(self.cfg))
+        self.tracker.log_text(to_yaml(self.cfg), "config.yaml")
+        self.tracker.log_text(self.partition.table(), "units.txt")
+        self.tracker.log_params({"units.count": len(self.units), "units.params": self.partition.total_params,
+                                 "units.gflops_per_sample_full": self.cost.full_step_flops / 1e9})
+
+    def _fit(self) -> RunResult:
+        tc = self.cfg.trainer
+        plan = self.plan
+        bar_enabled = tc.progress
+        self.step_cost = self.cost.step_flops(self.freezer.frozen)
+        full_cost = self.cost.full_step_flops
+        tflops = tflops_full = 0.0
+        history: list[dict[str, float]] = []
+        t_start = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        # a decision before the first step (static freezing at step 0, schedules that start frozen)
+        if self.policy.decide_at(0):
+            t0 = time.perf_counter()
+            self.apply(self.policy.decide(0), 0)
+            self.policy_time += time.perf_counter() - t0
+        from tqdm.auto import tqdm
+
+        val_loss = val_acc = float("nan")
+        for epoch in range(plan.epochs):
+            self.freezer.train_mode()
+            self.data.train.set_epoch(epoch)
+            policy_before = self.policy_time
+            samples = 0
+            flops_epoch = flops_full_epoch = 0.0
+            loss_sum = torch.zeros((), device=self.device)
+            correct = torch.zeros((), device=self.device, dtype=torch.long)
+            bar = tqdm(total=plan.steps_per_epoch, desc=f"epoch {epoch + 1}/{plan.epochs}", leave=False,
+                       disable=not bar_enabled, file=sys.stderr, dynamic_ncols=True)
+            self._sync()
+            t0 = time.perf_counter()
+            for b, (x, y, idx) in enumerate(self.data.train):
+                if b >= plan.steps_per_epoch:
+                    break
+                if tc.channels_last and x.dim() == 4 and self.device.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                self._set_lr(self.step)
+                with self._autocast():
+                    out = self.model(x)
+                losses = F.cross_entropy(out.float(), y, reduction="none")
+                loss = losses.mean()
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                else:
+                    loss.backward()
+                    self.optimizer.step()
+                self.step += 1
+                n = len(y)
+                samples += n
+                loss_sum += losses.detach().sum()
+                correct += (out.detach().argmax(1) == y).sum()
+                flops_epoch += self.step_cost * n
+                flops_full_epoch += full_cost * n
+                if self.step % tc.check_finite_every == 0:
+                    self._check_finite(loss)
+                    bar.set_postfix(loss=f"{loss.item():.3f}", frozen=len(self.freezer.frozen), refresh=False)
+                self._policy_tick(self.step, losses, idx)
+                bar.update(1)
+            self._sync()
+            t_loop = time.perf_counter() - t0
+            bar.close()
+            train_loss = loss_sum.item() / max(samples, 1)
+            self._check_finite(torch.tensor(train_loss))
+            policy_s = self.policy_time - policy_before
+            last = epoch == plan.epochs - 1
+            t1 = time.perf_counter()
+            if last or (tc.eval_every and (epoch + 1) % tc.eval_every == 0):
+                val_loss, val_acc = self.evaluate()
+            eval_s = time.perf_counter() - t1
+            tflops += flops_epoch / 1e12
+            tflops_full += flops_full_epoch / 1e12
+            m = {
+                "train/loss": train_loss,
+                "train/acc": correct.item() / max(samples, 1),
+                "val/loss": val_loss,
+                "val/acc": val_acc,
+                "time/epoch_s": t_loop + eval_s,
+                "time/train_s": t_loop - policy_s,
+                "time/eval_s": eval_s,
+                "time/policy_s": policy_s,
+                "cost/tflops": tflops,
+                "cost/tflops_epoch": flops_epoch / 1e12,
+                "cost/tflops_full": tflops_full,
+                "freeze/frozen_units": float(len(self.freezer.frozen)),
+                "freeze/frozen_param_frac": self.freezer.frozen_param_fraction,
+                "mem/peak_mb": peak_memory_mb(self.device),
+                "lr": self.current_lr_factor * self.cfg.optim.lr,
+                "data/samples_per_epoch": float(samples),
+            }
+            m = {k: v for k, v in m.items() if not (isinstance(v, float) and math.isnan(v))}
+            history.append(m)
+            self.tracker.log_metrics(m, step=epoch + 1)
+            if bar_enabled:
+                tqdm.write(
+                    f"epoch {epoch + 1:>3}/{plan.epochs}  loss {train_loss:.4f}  val/acc {val_acc:.4f}  "
+                    f"frozen {len(self.freezer.frozen)}/{len(self.units) - 1}  "
+                    f"{m['time/epoch_s']:.1f}s (policy {policy_s:.2f}s)",
+                    file=sys.stderr,
+                )
+        total = time.perf_counter() - t_start
+        final = dict(history[-1]) if history else {}
+        final.update({
+            "time/total_s": total,
+            "time/policy_total_s": self.policy_time,
+            "cost/saving_frac": 1 - tflops / tflops_full if tflops_full else 0.0,
+            "freeze/events": float(len(self.freezer.events)),
+        })
+        return RunResult(run_id=self.tracker.run_id, metrics=final, history=history,
+                         events=list(self.freezer.events), unit_names=[u.name for u in self.units])
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss).all():
+            raise NonFiniteLossError(
+                f"non-finite training loss ({loss.item()}) at step {self.step} (epoch "
+                f"{self.plan.epoch_of(self.step):.2f}); lower optim.lr or check the data"
+            )
+
+    def checkpoint_payload(self) -> dict[str, Any]:
+        info = self.data.info
+        return {
+            "model_state": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "model_name": self.cfg.model.name,
+            "num_classes": info.num_classes,
+            "in_channels": info.in_channels,
+            "image_size": info.image_size,
+            "dataset": info.name,
+            "unit_names": [u.name for u in self.units],
+            "granularity": self.partition.granularity,
+            "freezebench_version": __version__,
+        }
+
+    def save_checkpoint(self, path: str | Path) -> Path:
+        """Write the final weights atomically (temporary file + rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        torch.save(self.checkpoint_payload(), tmp)
+        os.replace(tmp, path)
+        return path
+
+    def _log_end(self, result: RunResult) -> None:
+        ev = result.events
+        cols = {
+            "unit": [e.unit for e in ev], "name": [e.name for e in ev], "step": [e.step for e in ev],
+            "epoch": [e.epoch for e in ev], "num_params": [e.num_params for e in ev],
+            "action": [e.action for e in ev], "reason": [e.reason for e in ev],
+        }
+        self.tracker.log_text(csv_text(cols), "freeze_events.csv")
+        self.tracker.log_table(cols, "freeze_events.json")
+        from .plots import freeze_timeline
+
+        import matplotlib.pyplot as plt
+
+        fig = freeze_timeline(result.unit_names, ev, self.plan.epochs, title=self.run_name)
+        self.tracker.log_figure(fig, "freeze_timeline.png")
+        plt.close(fig)
+        summary = {"run_id": result.run_id, "run_name": self.run_name, "metrics": result.metrics,
+                   "frozen_units": sorted(self.freezer.frozen), "num_units": len(self.units)}
+        self.tracker.log_dict(summary, "summary.json")
+        if self.cfg.tracking.log_checkpoint or not self.cfg.tracking.enabled:
+            folder = Path(self.cfg.trainer.output_dir) / (result.run_id or self.run_name)
+            path = self.save_checkpoint(folder / "final.pt")
+            result.checkpoint = str(path)
+            if self.cfg.tracking.enabled and self.cfg.tracking.log_checkpoint:
+                self.tracker.log_artifact(str(path), "checkpoints")
+        self.tracker.log_metrics({k: v for k, v in result.metrics.items() if k not in result.history[-1]},
+                                 step=self.plan.epochs)

@@ -1,0 +1,1 @@
+"""SmartFRZ's attention-based freeze predictor (installed as ``freezebench.predictors``)."""

@@ -1,0 +1,1 @@
+"""Optuna sweeps over freezebench runs (installed as ``freezebench.sweeps``)."""
