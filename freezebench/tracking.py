@@ -72,6 +72,8 @@ class MlflowTracker(NullTracker):
         attach = os.environ.get("MLFLOW_RUN_ID")
         try:
             if attach:  # launched by `mlflow run`: the run exists already
+                exp_id = mlflow.tracking.MlflowClient(self.uri).get_run(attach).info.experiment_id
+                mlflow.set_experiment(experiment_id=exp_id)
                 run = mlflow.start_run(run_id=attach, log_system_metrics=self.system_metrics)
             else:
                 if not os.environ.get("MLFLOW_EXPERIMENT_ID"):

@@ -1,0 +1,58 @@
+"""Shared fixtures: a temporary MLflow store, tiny configs, a small sequential model."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+
+@pytest.fixture(scope="session")
+def _mlflow_store(tmp_path_factory):
+    # one sqlite store for the session: creating its tables takes seconds
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+
+
+@pytest.fixture
+def mlflow_uri(_mlflow_store, tmp_path, monkeypatch):
+    """The session's sqlite MLflow store as tracking URI, and the working directory moved to tmp_path."""
+    uri = _mlflow_store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    monkeypatch.chdir(tmp_path)
+    yield uri
+    import mlflow
+
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+
+
+# A run small enough for unit tests: tiny CNN, synthetic 8x8 data, few steps.
+TINY = [
+    "model.name=tiny",
+    "data.name=synthetic",
+    "data.synthetic_samples=160",
+    "data.batch_size=16",
+    "trainer.epochs=3",
+    "trainer.max_steps_per_epoch=4",
+    "trainer.progress=false",
+    "trainer.probe_batch_size=16",
+    "tracking.system_metrics=false",
+    "trainer.device=cpu",
+]
+
+
+@pytest.fixture
+def tiny_overrides():
+    return list(TINY)
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(2)
+    yield
