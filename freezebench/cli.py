@@ -41,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("config", help="print the resolved config without training")
     c.add_argument("--config", "-c", help="YAML preset: a path or a name in configs/")
     c.add_argument("overrides", nargs="*", help="config overrides key=value")
+    c.add_argument("--reference", action="store_true", help="print the config reference (Markdown) instead")
     c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     ls = sub.add_parser("list", help="list registered policies, models and datasets")
@@ -73,7 +74,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from .config import load_config, to_yaml
+    from .config import load_config, reference_markdown, to_yaml
+
+    if args.reference:
+        print(reference_markdown())
+        return 0
 
     print(to_yaml(load_config(_split_overrides(args.overrides), preset=args.config)), end="")
     return 0
@@ -102,6 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"freezebench: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and closed
+        return 0
     except KeyboardInterrupt:
         print("freezebench: interrupted", file=sys.stderr)
         return 130

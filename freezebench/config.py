@@ -270,3 +270,32 @@ def flatten(cfg: DictConfig) -> dict[str, Any]:
 
     walk(cfg, "")
     return out
+
+
+def reference_rows(cls: type) -> list[tuple[str, str, str]]:
+    """(field, default, comment) for each field of a config dataclass, read from its source comments."""
+    import inspect
+    import re
+
+    rows = []
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+= (.+?)\s+#\s*(.*)$", line)
+        if m:
+            default = m.group(2)
+            f = re.match(r"field\(default_factory=(?:lambda: )?(.+)\)$", default)
+            rows.append((m.group(1), f.group(1) if f else default, m.group(3)))
+    return rows
+
+
+def reference_markdown() -> str:
+    """The config reference as Markdown tables (the README's "Configuration reference")."""
+    groups = [("model", ModelConfig), ("data", DataConfig), ("optim", OptimConfig),
+              ("schedule", ScheduleConfig), ("trainer", TrainerConfig), ("tracking", TrackingConfig)]
+    out = []
+    for name, cls in groups:
+        out.append(f"**`{name}.*`**\n\n| key | default | meaning |\n|---|---|---|")
+        for key, default, comment in reference_rows(cls):
+            text = comment.replace("|", "\\|")
+            out.append(f"| `{name}.{key}` | `{default}` | {text} |")
+        out.append("")
+    return "\n".join(out)

@@ -86,3 +86,12 @@ def test_flatten_is_dotted_leaves():
     assert flat["policy.name"] == "static" and flat["trainer.epochs"] == 10
     assert flat["optim.betas"] == "[0.9, 0.999]"
     assert all(not isinstance(v, dict) for v in flat.values())
+
+
+def test_readme_config_reference_is_current():
+    from pathlib import Path
+
+    from freezebench.config import reference_markdown
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert reference_markdown() in readme, "regenerate with `freezebench config --reference`"

@@ -1,0 +1,341 @@
+"""Step-time benchmark: trainer overhead and the speed-up freezing really buys, against the cost model.
+
+    python benchmarks/bench_step.py                       # resnet20 + resnet18, 32x32, batch 32 (~5-10 min, 2 CPUs)
+    python benchmarks/bench_step.py --quick               # resnet20 only, fewer steps (~1-2 min)
+    python benchmarks/bench_step.py --models resnet20 --steps 50 --repeats 7 --device cuda
+
+What it measures, per model (same architecture, same initial weights, same batches, same optimiser):
+
+(a) trainer overhead: the freezebench :class:`~freezebench.trainer.Trainer` (``policy=full``) against a bare
+    PyTorch loop (forward, cross-entropy, ``zero_grad``, backward, ``SGD.step``), both iterating the very same
+    :class:`~freezebench.data.TensorLoader` of synthetic CIFAR-shaped tensors. The trainer's time is its own
+    per-epoch ``time/train_s`` (the timed training loop, synchronised, without evaluation or policy time)
+    divided by the steps; the bare loop is timed over exactly the same span (loader iteration included,
+    synchronised before and after). Figure: ``overhead_ratio`` = trainer / bare (target <= 1.03).
+(b) freeze speed-up: trainers with ``policy=static policy.at_step=0 policy.fraction=f`` (a prefix of
+    ``floor(f * freezable units)`` frozen before the first step) for f = 0.25, 0.5, 0.75, against the
+    unfrozen trainer of (a) (f = 0). Figures per fraction: ``measured_ratio`` (step time frozen / full),
+    ``predicted_ratio`` = ``CostModel.step_flops(frozen) / CostModel.full_step_flops`` and
+    ``efficiency`` = (1 - measured) / (1 - predicted), the share of the predicted saving that materialised.
+
+Method: every variant is built once and warmed up with one untimed epoch; then ``--repeats`` rounds each time
+every variant for one epoch of ``--steps`` steps (``Trainer._fit()`` with ``trainer.epochs=1``, constant
+learning rate), in an order rotated every round so that no variant always runs first or last. Ratios are the
+median over rounds of the per-round (paired) ratios; step times are medians. All variants train on the same
+epoch-0 batch order every round, so the bare model and the trainer's model see the same batches and the same
+learning rate: their weights must agree at the end (``weights_max_abs_diff``, a check that both loops really
+do the same work).
+
+The script prints figures as it goes and ends with one line ``RESULT <json>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from freezebench.config import load_config
+from freezebench.data import DataBundle, build_data
+from freezebench.trainer import Trainer, resolve_device
+
+FRACTIONS = (0.25, 0.5, 0.75)
+VAL_FRACTION = 0.05  # keep the evaluation that _fit() always runs at its last epoch small (it is not timed)
+NUM_CLASSES = 10
+# short timed epochs, many rounds: on a shared machine a burst of contention then spoils few rounds
+DEFAULT_STEPS = {"resnet20": 16, "resnet18": 4}  # ~1.5-5 s per timed epoch on 2 CPU cores
+QUICK_STEPS = {"resnet20": 8, "resnet18": 2}
+OTHER_STEPS, OTHER_QUICK_STEPS = 10, 5
+DEFAULT_REPEATS, QUICK_REPEATS = 9, 5
+
+
+# --- helpers -------------------------------------------------------------------------------------------
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_model": cpu_model(),
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
+    }
+    if device.type == "cuda":
+        info["cuda_version"] = torch.version.cuda
+    return info
+
+
+def load_avg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+# --- building the variants -----------------------------------------------------------------------------
+def overrides(args: argparse.Namespace, model: str, steps: int, policy: list[str]) -> list[str]:
+    b = args.batch_size
+    # enough training samples for `steps` full batches plus the one batch the loop fetches before it stops
+    samples = math.ceil((steps + 1) * b / (1 - VAL_FRACTION)) + NUM_CLASSES
+    return [
+        "tracking.enabled=false", "trainer.progress=false", "trainer.eval_every=0",
+        *policy,
+        f"model.name={model}",
+        "data.name=synthetic", f"data.synthetic_size={args.image_size}", "data.synthetic_channels=3",
+        f"data.synthetic_classes={NUM_CLASSES}", f"data.synthetic_samples={samples}",
+        f"data.val_fraction={VAL_FRACTION}", f"data.batch_size={b}", "data.eval_batch_size=512",
+        "trainer.epochs=1", f"trainer.max_steps_per_epoch={steps}", f"trainer.device={args.device}",
+        "trainer.seed=0", "schedule.name=constant", "schedule.warmup_epochs=0",
+        "optim.name=sgd", "optim.lr=0.05", "optim.momentum=0.9", "optim.nesterov=false", "optim.weight_decay=5e-4",
+    ]
+
+
+class Bare:
+    """The reference: a plain PyTorch training loop over the same loader, model copy and optimiser settings."""
+
+    def __init__(self, model: torch.nn.Module, cfg: Any, data: DataBundle, steps: int, device: torch.device):
+        self.model, self.data, self.steps, self.device = model, data, steps, device
+        o = cfg.optim
+        self.opt = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
+                                   weight_decay=o.weight_decay)
+
+    def epoch(self) -> float:
+        """Seconds per step of one epoch, timed over the same span as the trainer's ``time/train_s``."""
+        model, opt, loader = self.model, self.opt, self.data.train
+        model.train()
+        loader.set_epoch(0)
+        sync(self.device)
+        t0 = time.perf_counter()
+        for b, (x, y, _) in enumerate(loader):
+            if b >= self.steps:
+                break
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sync(self.device)
+        return (time.perf_counter() - t0) / self.steps
+
+
+def data_only(data: DataBundle, steps: int, device: torch.device) -> float:
+    """Seconds per step spent by the loader alone (both loops pay it; reported for reference)."""
+    loader = data.train
+    loader.set_epoch(0)
+    sync(device)
+    t0 = time.perf_counter()
+    for b, _batch in enumerate(loader):
+        if b >= steps:
+            break
+    sync(device)
+    return (time.perf_counter() - t0) / steps
+
+
+def trainer_epoch(trainer: Trainer, steps: int) -> float:
+    """Seconds per step of one trainer epoch, from the trainer's own ``time/train_s``."""
+    result = trainer._fit()
+    h = result.history[-1]
+    return h["time/train_s"] / steps
+
+
+# --- one model ---------------------------------------------------------------------------------------------
+def bench_model(args: argparse.Namespace, model: str, steps: int, device: torch.device) -> dict[str, Any]:
+    t_build = time.perf_counter()
+    cfg_full = load_config(overrides(args, model, steps, ["policy=full"]))
+    data = build_data(cfg_full.data, seed=cfg_full.trainer.seed, device=device)
+    if len(data.train.x) < steps * args.batch_size:
+        raise SystemExit(f"internal error: {len(data.train.x)} training samples < {steps} x {args.batch_size}")
+    full = Trainer(cfg_full, data=data)
+    bare = Bare(copy.deepcopy(full.model), cfg_full, data, steps, device)  # same initial weights
+    init = [p.detach().clone() for p in full.model.parameters()]
+
+    frozen_trainers: dict[float, Trainer] = {}
+    for f in FRACTIONS:
+        cfg = load_config(overrides(args, model, steps, ["policy=static", "policy.at_step=0", f"policy.fraction={f}"]))
+        t = Trainer(cfg, data=data)
+        if any(not torch.equal(a, p.detach()) for a, p in zip(init, t.model.parameters())):
+            raise SystemExit(f"{model}: static f={f} trainer does not start from the same weights as the full one")
+        frozen_trainers[f] = t
+    del init
+    cost = full.cost
+    freezable = len(full.units) - 1
+    print(f"\n== {model}: {len(full.units)} units ({freezable} freezable), "
+          f"{cost.forward_flops() / 1e9:.3f} GFLOPs/sample forward, {cost.full_step_flops / 1e9:.3f} "
+          f"GFLOPs/sample per training step; batch {args.batch_size}, {steps} steps per timed epoch, "
+          f"{args.repeats} rounds (built in {time.perf_counter() - t_build:.1f}s)", flush=True)
+
+    variants: dict[str, Any] = {
+        "bare": bare.epoch,
+        "trainer": lambda: trainer_epoch(full, steps),
+        **{f"f{f:g}": (lambda t=t: trainer_epoch(t, steps)) for f, t in frozen_trainers.items()},
+        "data": lambda: data_only(data, steps, device),
+    }
+    names = list(variants)
+
+    # warm-up: one untimed epoch of every variant (allocator, kernels selection, lazy imports, the freeze itself)
+    t0 = time.perf_counter()
+    for name in names:
+        variants[name]()
+    print(f"warm-up done in {time.perf_counter() - t0:.1f}s", flush=True)
+
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(args.repeats):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:  # rotate the order every round
+            times[name].append(variants[name]())
+        line = "  ".join(f"{n} {times[n][-1] * 1e3:7.1f}" for n in names)
+        print(f"round {r + 1}/{args.repeats} (ms/step)  {line}", flush=True)
+
+    def paired(a: str, b: str) -> float:
+        return median([x / y for x, y in zip(times[a], times[b])])
+
+    def best(a: str, b: str) -> float:  # ratio of the fastest rounds: least disturbed by other processes
+        return min(times[a]) / min(times[b])
+
+    bare_ms, trainer_ms = median(times["bare"]) * 1e3, median(times["trainer"]) * 1e3
+    overhead = paired("trainer", "bare")
+
+    # sanity: both loops did the same training (same batches, lr, momentum, weight decay)
+    diff = max((a.detach() - b.detach()).abs().max().item()
+               for a, b in zip(full.model.parameters(), bare.model.parameters()))
+    scale = max(p.detach().abs().max().item() for p in full.model.parameters())
+
+    freeze_rows = [{"fraction": 0.0, "frozen_units": 0, "frozen_param_frac": 0.0, "step_ms": trainer_ms,
+                    "measured_ratio": 1.0, "predicted_ratio": 1.0, "efficiency": None,
+                    "measured_ratio_of_minima": 1.0}]
+    for f, t in frozen_trainers.items():
+        frozen = sorted(t.freezer.frozen)
+        predicted = cost.step_flops(frozen) / cost.full_step_flops
+        measured = paired(f"f{f:g}", "trainer")
+        eff = (1 - measured) / (1 - predicted) if predicted < 1 else None
+        freeze_rows.append({
+            "fraction": f, "frozen_units": len(frozen), "frozen_param_frac": t.freezer.frozen_param_fraction,
+            "step_ms": median(times[f"f{f:g}"]) * 1e3, "measured_ratio": measured,
+            "predicted_ratio": predicted, "efficiency": eff, "measured_ratio_of_minima": best(f"f{f:g}", "trainer"),
+        })
+
+    print(f"-- {model}: (a) trainer overhead: bare {bare_ms:.1f} ms/step, trainer {trainer_ms:.1f} ms/step, "
+          f"ratio {overhead:.3f} (target <= 1.03; fastest rounds {best('trainer', 'bare'):.3f}); loader alone {median(times['data']) * 1e3:.2f} ms/step; "
+          f"weights max |trainer - bare| {diff:.2e} (max |w| {scale:.2f})")
+    print(f"-- {model}: (b) freeze speed-up vs cost model")
+    print(f"   {'frac':>5} {'frozen':>6} {'params':>7} {'ms/step':>8} {'measured':>9} {'predicted':>9} {'effic.':>7}")
+    for row in freeze_rows:
+        eff = "-" if row["efficiency"] is None else f"{row['efficiency']:.2f}"
+        print(f"   {row['fraction']:>5.2f} {row['frozen_units']:>6} {row['frozen_param_frac']:>7.1%} "
+              f"{row['step_ms']:>8.1f} {row['measured_ratio']:>9.3f} {row['predicted_ratio']:>9.3f} {eff:>7}",
+              flush=True)
+
+    return {
+        "steps": steps,
+        "units": len(full.units),
+        "freezable_units": freezable,
+        "forward_gflops_per_sample": cost.forward_flops() / 1e9,
+        "full_step_gflops_per_sample": cost.full_step_flops / 1e9,
+        "bare_ms_per_step": bare_ms,
+        "trainer_ms_per_step": trainer_ms,
+        "data_ms_per_step": median(times["data"]) * 1e3,
+        "overhead_ratio": overhead,
+        "overhead_ratio_of_medians": trainer_ms / bare_ms,
+        "overhead_ratio_of_minima": best("trainer", "bare"),
+        "overhead_ms_per_step": trainer_ms - bare_ms,
+        "weights_max_abs_diff": diff,
+        "freeze": freeze_rows,
+        "raw_s_per_step": times,
+    }
+
+
+# --- main ------------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=None,
+                   help="comma-separated zoo names (default: resnet20,resnet18; --quick: resnet20)")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"steps per timed epoch (default per model: {DEFAULT_STEPS}, others {OTHER_STEPS}; "
+                        f"--quick: {QUICK_STEPS}, others {OTHER_QUICK_STEPS})")
+    p.add_argument("--repeats", type=int, default=None,
+                   help=f"timed rounds per variant (default {DEFAULT_REPEATS}; --quick: {QUICK_REPEATS})")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (timings synchronise the device)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    p.add_argument("--quick", action="store_true", help="smoke run: fewer steps and rounds, resnet20 only")
+    args = p.parse_args(argv)
+    if args.models is None:
+        args.models = "resnet20" if args.quick else "resnet20,resnet18"
+    if args.repeats is None:
+        args.repeats = QUICK_REPEATS if args.quick else DEFAULT_REPEATS
+    if args.repeats < 1 or (args.steps is not None and args.steps < 1):
+        p.error("--steps and --repeats must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    table, other = (QUICK_STEPS, OTHER_QUICK_STEPS) if args.quick else (DEFAULT_STEPS, OTHER_STEPS)
+    steps_of = {m: args.steps or table.get(m, other) for m in models}
+    machine = machine_info(device)
+    settings = {"models": models, "steps": steps_of, "repeats": args.repeats, "batch_size": args.batch_size,
+                "image_size": args.image_size, "device": str(device), "quick": args.quick,
+                "fractions": [0.0, *FRACTIONS], "optimizer": "sgd lr=0.05 momentum=0.9 wd=5e-4 (constant lr)",
+                "data": f"synthetic {NUM_CLASSES} classes, 3x{args.image_size}x{args.image_size}",
+                "timing": "trainer: history time/train_s / steps; bare: same span; medians / median paired ratios"}
+    print(f"bench_step: {machine['device_name']} ({machine['cpu_count']} CPUs, {machine['torch_threads']} torch "
+          f"threads), torch {machine['torch_version']}; load average {load_avg()}", flush=True)
+    t0 = time.perf_counter()
+    load_start = load_avg()
+    results = {m: bench_model(args, m, steps_of[m], device) for m in models}
+    elapsed = time.perf_counter() - t0
+    machine["load_avg_start"], machine["load_avg_end"] = load_start, load_avg()
+
+    print(f"\nsummary ({elapsed:.0f}s):")
+    print(f"  {'model':<10} {'bare ms':>8} {'trainer ms':>10} {'overhead':>8}   "
+          + "   ".join(f"f={f:g}: meas/pred/eff" for f in FRACTIONS))
+    for m, r in results.items():
+        cells = "   ".join(f"{row['measured_ratio']:.2f}/{row['predicted_ratio']:.2f}/"
+                           + ("-" if row["efficiency"] is None else f"{row['efficiency']:.2f}")
+                           for row in r["freeze"][1:])
+        print(f"  {m:<10} {r['bare_ms_per_step']:>8.1f} {r['trainer_ms_per_step']:>10.1f} "
+              f"{r['overhead_ratio']:>8.3f}   {cells}")
+    out = {"benchmark": "bench_step", "settings": settings, "machine": machine, "elapsed_s": elapsed,
+           "results": results}
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
