@@ -76,8 +76,7 @@ class MlflowTracker(NullTracker):
                 mlflow.set_experiment(experiment_id=exp_id)
                 run = mlflow.start_run(run_id=attach, log_system_metrics=self.system_metrics)
             else:
-                if not os.environ.get("MLFLOW_EXPERIMENT_ID"):
-                    mlflow.set_experiment(self.experiment)
+                mlflow.set_experiment(self.experiment)
                 run = mlflow.start_run(run_name=run_name, log_system_metrics=self.system_metrics)
         except Exception as e:
             raise TrackingError(

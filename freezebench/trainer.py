@@ -66,8 +66,6 @@ def resolve_device(name: str) -> torch.device:
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
-    # denormal floats make CPU kernels up to 100x slower once gradients get tiny late in training
-    torch.set_flush_denormal(True)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -287,14 +285,20 @@ class Trainer:
     def fit(self) -> RunResult:
         """Train, tracking the run in MLflow (marked FAILED if anything raises)."""
         self.tracker.start(self.run_name, self.tags())
+        # denormal floats make CPU kernels up to 100x slower once gradients get tiny late in training;
+        # flushing them is process-wide state, so it is switched back off when the fit ends
+        torch.set_flush_denormal(True)
         try:
             self._log_start()
             result = self._fit()
             self._log_end(result)
         except BaseException as e:
-            self.tracker.set_tags({"error": f"{type(e).__name__}: {str(e)[:400]}"}) if self.tracker.run_id else None
+            if self.tracker.run_id:
+                self.tracker.set_tags({"error": f"{type(e).__name__}: {str(e)[:400]}"})
             self.tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
             raise
+        finally:
+            torch.set_flush_denormal(False)
         self.tracker.finish("FINISHED")
         return result
 

@@ -20,7 +20,8 @@ def test_mlflow_run_static(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.pop("MLFLOW_RUN_ID", None)
+    for leaked in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        env.pop(leaked, None)  # set_experiment() in earlier tests exports the experiment id
     p = subprocess.run(
         [mlflow_bin, "run", str(ROOT), "--env-manager", "local", "-P", "policy=static", "-P", "model=tiny",
          "-P", "epochs=3", "-P", "overrides=trainer.progress=false policy.at_epoch=1 tracking.system_metrics=false"],
