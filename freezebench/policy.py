@@ -68,6 +68,7 @@ class Signals:
     units: Sequence[Unit]
     # unit index -> its output on the probe batch, flattened per input: shape (probe_size, features)
     activations: Mapping[int, torch.Tensor] | None = None
+    probe_inputs: torch.Tensor | None = None  # the fixed probe batch the activations were computed on
     sample_losses: torch.Tensor | None = None  # (batch,) losses of the last training batch (detached)
     sample_indices: torch.Tensor | None = None  # (batch,) dataset indices of those samples
 

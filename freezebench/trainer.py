@@ -39,7 +39,7 @@ from .freezer import FreezeEvent, Freezer, param_groups
 from .policy import Decision, FreezePolicy, Plan, Signal, Signals
 from .registry import MODELS, POLICIES
 from .tracking import NullTracker, csv_text, git_commit, make_tracker
-from .units import Partition, partition
+from .units import Partition, capture_outputs, partition
 
 log = logging.getLogger(__name__)
 
@@ -200,28 +200,14 @@ class Trainer:
 
     def unit_activations(self, units: list[int], x: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
         """Outputs of ``units`` on the probe batch (or ``x``), eval mode, no grad, flattened per input."""
-        if x is None:
-            x = self.probe()[0]
-        out: dict[int, torch.Tensor] = {}
-        handles = []
-        for i in units:
-            def hook(_m: Any, _a: Any, o: Any, i: int = i) -> None:
-                t = o[0] if isinstance(o, (tuple, list)) else o
-                out[i] = t.detach().float().reshape(t.shape[0], -1)
-            handles.append(self.units[i].output_module.register_forward_hook(hook))
-        self.model.eval()
-        try:
-            with torch.no_grad(), self._autocast():
-                self.model(x)
-        finally:
-            for h in handles:
-                h.remove()
-            self.freezer.train_mode()
+        out = capture_outputs(self.model, self.units, units, self.probe()[0] if x is None else x, self._autocast())
+        self.freezer.train_mode()
         return out
 
     def _signals(self, step: int, losses: torch.Tensor, idx: torch.Tensor) -> Signals:
         s = Signals(step=step, epoch=self.plan.epoch_of(step), units=self.units)
         if Signal.ACTIVATIONS in self.needs:
+            s.probe_inputs = self.probe()[0]
             s.activations = self.unit_activations(self.policy.probe_units())
         if Signal.SAMPLE_LOSSES in self.needs:
             s.sample_losses, s.sample_indices = losses.detach(), idx

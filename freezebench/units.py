@@ -24,8 +24,10 @@ module are *exclusive* of nested ops that form units of their own.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 from dataclasses import dataclass, field
 
 import torch
@@ -273,6 +275,33 @@ def _merge_blocks(groups: list[list[str]], named: dict[str, nn.Module]) -> tuple
             merged.append(list(g))
             owners.append(owner or "<root>")
     return merged, owners
+
+
+def capture_outputs(model: nn.Module, units: Sequence[Unit], indices: Iterable[int], x: torch.Tensor,
+                    autocast: Any = None) -> dict[int, torch.Tensor]:
+    """Outputs of ``units[i]`` for ``i`` in ``indices`` on input ``x``, flattened per input, as float32.
+
+    Runs ``model`` in eval mode under ``torch.no_grad`` (``autocast``: an optional context manager) and
+    restores its training flag (not the per-module flags: callers re-apply their own modes).
+    """
+    out: dict[int, torch.Tensor] = {}
+    handles = []
+    for i in indices:
+        def hook(_m: nn.Module, _a: Any, o: Any, i: int = i) -> None:
+            t = o[0] if isinstance(o, (tuple, list)) else o
+            out[i] = t.detach().float().reshape(t.shape[0], -1)
+
+        handles.append(units[i].output_module.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), (autocast if autocast is not None else contextlib.nullcontext()):
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return out
 
 
 def example_batch(in_channels: int, image_size: int, batch: int = 2) -> torch.Tensor:
