@@ -85,6 +85,7 @@ class TrainerConfig:
     progress: bool = True  # progress bar while training
     check_finite_every: int = 25  # check the loss for NaN/inf every N steps (each check syncs the device)
     output_dir: str = "outputs"  # local folder for checkpoints and run files
+    save_checkpoint: bool = True  # write the final weights to <output_dir>/<run id or name>/final.pt
 
 
 @dataclass

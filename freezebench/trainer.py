@@ -457,7 +457,7 @@ class Trainer:
         summary = {"run_id": result.run_id, "run_name": self.run_name, "metrics": result.metrics,
                    "frozen_units": sorted(self.freezer.frozen), "num_units": len(self.units)}
         self.tracker.log_dict(summary, "summary.json")
-        if self.cfg.tracking.log_checkpoint or not self.cfg.tracking.enabled:
+        if self.cfg.trainer.save_checkpoint:
             folder = Path(self.cfg.trainer.output_dir) / (result.run_id or self.run_name)
             path = self.save_checkpoint(folder / "final.pt")
             result.checkpoint = str(path)
