@@ -17,7 +17,7 @@ def freeze_timeline(unit_names: Sequence[str], events: Sequence[Any], epochs: fl
     ``events`` are :class:`freezebench.freezer.FreezeEvent` objects (or dicts with unit/epoch/action).
     """
     L = len(unit_names)
-    fig, ax = plt.subplots(figsize=(8, max(2.5, 0.22 * L + 1.2)))
+    fig, ax = plt.subplots(figsize=(9, max(2.5, 0.22 * L + 1.2)))
     spans: dict[int, list[tuple[float, float, str]]] = {i: [] for i in range(L)}
     state = {i: ("train", 0.0) for i in range(L)}
     for ev in sorted(events, key=lambda e: _get(e, "epoch")):
@@ -43,7 +43,7 @@ def freeze_timeline(unit_names: Sequence[str], events: Sequence[Any], epochs: fl
     from matplotlib.patches import Patch
 
     ax.legend(handles=[Patch(color="#3b75af", label="training"), Patch(color="#b9b9b9", label="frozen")],
-              loc="lower right", fontsize=8)
+              loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     ax.set_title(title or "freeze timeline")
     fig.tight_layout()
     return fig
