@@ -116,3 +116,29 @@ def test_activation_signal_shapes(tiny_overrides, tmp_path, monkeypatch):
     acts = tr.unit_activations([0, 1, 2])
     assert acts[0].shape == (16, 8 * 8 * 8) and acts[2].shape == (16, 4)
     assert tr.model.training  # back in training mode
+
+
+def test_bf16_autocast_on_cpu(tiny_overrides, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = Trainer(load_config([*tiny_overrides, "trainer.precision=bf16", "tracking.enabled=false"])).fit()
+    assert math.isfinite(res.metrics["train/loss"])
+
+
+def test_fp16_needs_cuda(tiny_overrides):
+    from freezebench.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="fp16 needs CUDA"):
+        Trainer(load_config([*tiny_overrides, "trainer.precision=fp16", "tracking.enabled=false"]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_cuda_training_with_amp_and_channels_last(precision, tiny_overrides, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tr = Trainer(load_config([*tiny_overrides, "trainer.device=cuda", f"trainer.precision={precision}",
+                              "trainer.channels_last=true", "policy=static", "policy.at_step=2",
+                              "tracking.enabled=false"]))
+    res = tr.fit()
+    assert math.isfinite(res.metrics["train/loss"]) and res.metrics["mem/peak_mb"] > 0
+    assert tr.freezer.frozen
