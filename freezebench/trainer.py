@@ -323,7 +323,8 @@ class Trainer:
             loss_sum = torch.zeros((), device=self.device)
             correct = torch.zeros((), device=self.device, dtype=torch.long)
             bar = tqdm(total=plan.steps_per_epoch, desc=f"epoch {epoch + 1}/{plan.epochs}", leave=False,
-                       disable=not bar_enabled, file=sys.stderr, dynamic_ncols=True)
+                       disable=not bar_enabled, file=sys.stderr, dynamic_ncols=True,
+                       mininterval=0.2 if sys.stderr.isatty() else 15.0)  # logs get few lines
             self._sync()
             t0 = time.perf_counter()
             for b, (x, y, idx) in enumerate(self.data.train):
