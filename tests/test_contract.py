@@ -20,6 +20,9 @@ from freezebench.trainer import Trainer
 SETTINGS: dict[str, dict] = {
     "full": {"overrides": [], "freezes": False},
     "static": {"overrides": ["policy.at_step=3", "policy.fraction=1.0"], "freezes": True},
+    "freezeout_linear": {"overrides": [], "freezes": True},
+    "freezeout_cubic": {"overrides": [], "freezes": True},
+    "pipetransformer": {"overrides": [], "freezes": True},
 }
 
 
