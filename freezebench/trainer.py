@@ -241,13 +241,19 @@ class Trainer:
         dec = self.policy.decide_at(step)
         if not (obs or dec):
             return
-        self._sync()
+        # On CUDA a tick that only queues device work (e.g. AutoFreeze adding gradients every step) is timed
+        # on the host without synchronising, so the GPU keeps running ahead; ticks that decide, or that run
+        # the probe forward, synchronise so that their device time is counted as policy time.
+        sync = dec or (Signal.ACTIVATIONS in self.needs)
+        if sync:
+            self._sync()
         t0 = time.perf_counter()
         if obs:
             self.policy.observe(step, self._signals(step, losses, idx))
         if dec:
             self.apply(self.policy.decide(step), step)
-        self._sync()
+        if sync:
+            self._sync()
         self.policy_time += time.perf_counter() - t0
 
     @torch.no_grad()

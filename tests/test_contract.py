@@ -23,6 +23,7 @@ SETTINGS: dict[str, dict] = {
     "freezeout_linear": {"overrides": [], "freezes": True},
     "freezeout_cubic": {"overrides": [], "freezes": True},
     "pipetransformer": {"overrides": [], "freezes": True},
+    "autofreeze": {"overrides": [], "freezes": True},
 }
 
 

@@ -1,0 +1,93 @@
+"""Policy overhead of every registered policy: ``time/policy_s`` against training time, on one model.
+
+    python benchmarks/bench_policy_overhead.py                     # resnet20 on the digits, 3 epochs
+    python benchmarks/bench_policy_overhead.py --epochs 2 --policies autofreeze,svcca
+
+Each policy trains the same model from the same seed on the embedded digits with tracking off. The trainer
+times everything a policy costs (its signals, ``observe``, ``decide`` and the freezing itself) as
+``time/policy_s``, separately from the training loop (``time/train_s``); this prints their ratio per policy
+and ends with one line ``RESULT <json>``. Target from the SmartFRZ paper's critique of AutoFreeze (whose
+norm computation cost up to 20% of training): AutoFreeze at most 3%.
+
+The CKA oracle needs a reference model: a ``full`` run is trained first and its checkpoint passed as
+``policy.reference``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+
+import torch
+
+from freezebench.config import load_config
+from freezebench.registry import POLICIES
+from freezebench.trainer import Trainer
+
+
+def run(policy: str, model: str, epochs: int, extra: list[str], outdir: str) -> dict:
+    cfg = load_config([f"policy={policy}", f"model.name={model}", f"trainer.epochs={epochs}",
+                       "tracking.enabled=false", "trainer.progress=false", f"trainer.output_dir={outdir}",
+                       "trainer.device=cpu", *extra])
+    tr = Trainer(cfg)
+    res = tr.fit()
+    train_s = sum(h["time/train_s"] for h in res.history)
+    policy_s = res.metrics["time/policy_total_s"]
+    return {
+        "policy": policy,
+        "train_s": train_s,
+        "policy_s": policy_s,
+        "overhead_frac": policy_s / train_s,
+        "val_acc": res.metrics["val/acc"],
+        "saving_frac": res.metrics["cost/saving_frac"],
+        "frozen_units": int(res.metrics["freeze/frozen_units"]),
+        "units": len(tr.units) - 1,
+        "checkpoint": res.checkpoint,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="resnet20")
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--policies", default="", help="comma-separated (default: every registered policy)")
+    args = ap.parse_args()
+    names = [p for p in args.policies.split(",") if p] or POLICIES.names()
+    outdir = tempfile.mkdtemp(prefix="fb-overhead-")
+    rows = []
+    reference = None
+    order = ["full"] + [n for n in names if n != "full"]
+    for name in order:
+        extra: list[str] = []
+        if name == "cka_oracle":
+            if reference is None:
+                reference = run("full", args.model, args.epochs, [], outdir)["checkpoint"]
+            extra = [f"policy.reference={reference}"]
+        row = run(name, args.model, args.epochs, extra, outdir)
+        if name == "full":
+            reference = row["checkpoint"]
+        if name not in names:
+            continue
+        row.pop("checkpoint")
+        rows.append(row)
+        print(f"{name:<18} train {row['train_s']:7.2f}s  policy {row['policy_s']:6.3f}s  "
+              f"overhead {100 * row['overhead_frac']:6.2f}%  val/acc {row['val_acc']:.4f}  "
+              f"saving {100 * row['saving_frac']:5.1f}%  frozen {row['frozen_units']}/{row['units']}", flush=True)
+    result = {
+        "benchmark": "policy_overhead",
+        "model": args.model,
+        "dataset": "digits",
+        "epochs": args.epochs,
+        "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "platform": platform.platform(),
+                    "python": sys.version.split()[0], "device": "cpu"},
+        "rows": rows,
+    }
+    print("RESULT " + json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
