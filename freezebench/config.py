@@ -299,4 +299,16 @@ def reference_markdown() -> str:
             text = comment.replace("|", "\\|")
             out.append(f"| `{name}.{key}` | `{default}` | {text} |")
         out.append("")
+    from .registry import POLICIES
+
+    out.append("**`policy.*`**: `policy.name` selects the policy; the other keys belong to the chosen policy:\n")
+    out.append("| policy | key | default | meaning |\n|---|---|---|---|")
+    for pname in POLICIES.names():
+        cfg_cls = POLICIES.get(pname).Config
+        for key, default, comment in reference_rows(cfg_cls):
+            if key == "name":
+                continue
+            text = comment.replace("|", "\\|")
+            out.append(f"| `{pname}` | `policy.{key}` | `{default}` | {text} |")
+    out.append("")
     return "\n".join(out)
