@@ -166,6 +166,10 @@ class FreezePolicy:
         """Called by the trainer after every change of the frozen set (keep ``self.frozen`` current)."""
         self.frozen = frozen
 
+    def epoch_metrics(self) -> dict[str, float]:
+        """Policy-specific figures logged at every epoch end as ``policy/<key>`` (e.g. a mean similarity)."""
+        return {}
+
     # --- checkpointing ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {}

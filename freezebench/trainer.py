@@ -394,6 +394,7 @@ class Trainer:
                 "lr": self.current_lr_factor * self.cfg.optim.lr,
                 "data/samples_per_epoch": float(samples),
             }
+            m.update({f"policy/{k}": float(v) for k, v in self.policy.epoch_metrics().items()})
             m = {k: v for k, v in m.items() if not (isinstance(v, float) and math.isnan(v))}
             history.append(m)
             self.tracker.log_metrics(m, step=epoch + 1)

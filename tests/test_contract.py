@@ -24,6 +24,11 @@ SETTINGS: dict[str, dict] = {
     "freezeout_cubic": {"overrides": [], "freezes": True},
     "pipetransformer": {"overrides": [], "freezes": True},
     "autofreeze": {"overrides": [], "freezes": True},
+    "svcca": {"overrides": ["policy.threshold=0.5", "policy.patience=1", "policy.checks_per_epoch=4"],
+              "freezes": True},
+    # {reference}: the checkpoint of a `full` run of the same tiny model (fixture below)
+    "cka_oracle": {"overrides": ["policy.reference={reference}", "policy.checks_per_epoch=4", "policy.window=2",
+                                 "policy.var_threshold=1.0", "policy.cutoff=0.0"], "freezes": True},
 }
 
 
@@ -32,14 +37,27 @@ def test_every_registered_policy_has_contract_settings():
     assert not missing, f"add contract settings for {missing} in tests/test_contract.py"
 
 
+@pytest.fixture(scope="session")
+def reference_checkpoint(tmp_path_factory):
+    """Final weights of a `full` run of the tiny contract model (the CKA oracle's reference)."""
+    from conftest import TINY
+
+    out = tmp_path_factory.mktemp("reference")
+    cfg = load_config([*TINY, "model.granularity=layer", "tracking.enabled=false", f"trainer.output_dir={out}"])
+    trainer = Trainer(cfg)
+    trainer.fit()
+    return str(trainer.save_checkpoint(out / "ref.pt"))
+
+
 def _norm_state(unit):
     return [b.clone() for m in unit.norm_modules for b in m.buffers()]
 
 
 @pytest.mark.parametrize("name", POLICIES.names())
-def test_policy_contract(name, mlflow_uri, tiny_overrides):
+def test_policy_contract(name, mlflow_uri, tiny_overrides, reference_checkpoint):
     setting = SETTINGS[name]
-    cfg = load_config([f"policy={name}", *tiny_overrides, "model.granularity=layer", *setting["overrides"]])
+    overrides = [o.replace("{reference}", reference_checkpoint) for o in setting["overrides"]]
+    cfg = load_config([f"policy={name}", *tiny_overrides, "model.granularity=layer", *overrides])
     trainer = Trainer(cfg)
     initial = {id(p): p.detach().clone() for p in trainer.model.parameters()}
     at_freeze: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
