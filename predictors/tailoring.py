@@ -1,0 +1,154 @@
+"""Layer tailoring (SmartFRZ paper, section 3.2-3.3): every unit reduced to ``tailor_size`` sampled weights.
+
+The predictor is shared by all units, so each unit's weights are cut down to a fixed-size vector. For each
+unit a set of ``tailor_size`` indices into the unit's *flattened, concatenated* parameters (in the unit's
+parameter order) is drawn once and reused for every snapshot, so a history is a history of the same
+weights.
+
+Choices that are ours (the paper only says "randomly sample"):
+
+* **Generator.** Unit ``u``'s indices come from a CPU ``torch.Generator`` seeded with a 63-bit hash
+  (BLAKE2b) of ``(seed, u)``: stable across snapshots, reproducible across runs and devices with the same
+  seed, different for different seeds or units. Drawn on the CPU, then moved to the parameters' device.
+* **Units with at least ``tailor_size`` weights:** sampled *without* replacement (``randperm``).
+* **Units with fewer weights than ``tailor_size``** (a BatchNorm-only unit, a small bias-only unit):
+  sampled *with* replacement, stratified so that every weight appears at least once: the first ``n``
+  draws are a permutation of all ``n`` weights, the remaining ``tailor_size - n`` are drawn uniformly with
+  replacement, and the whole index vector is shuffled. A unit with no weights is an error.
+* **Gathering** never concatenates a unit's parameters: the indices are split per tensor once (sorted,
+  with the permutation that restores the drawn order), each tensor contributes one ``index_select`` of
+  its own elements, and the small gathered pieces are put back in drawn order with one index. The
+  batched :meth:`Tailor.snapshot_all` does that for many units with one concatenation and one index.
+* Snapshots are returned in ``float32`` by default (whatever the parameters' dtype), detached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["Tailor", "unit_seed", "draw_indices"]
+
+UnitSpec = Sequence[torch.Tensor] | Sequence[int] | int
+
+
+def unit_seed(seed: int, unit: int) -> int:
+    """The generator seed of unit ``unit``: a 63-bit BLAKE2b hash of ``(seed, unit)``."""
+    digest = hashlib.blake2b(f"smartfrz-tailor:{int(seed)}:{int(unit)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def draw_indices(numel: int, tailor_size: int, seed: int, unit: int) -> torch.Tensor:
+    """``tailor_size`` indices in ``[0, numel)`` (int64, CPU) for unit ``unit``; see the module docstring."""
+    if numel <= 0:
+        raise ValueError(f"unit {unit} has no weights to tailor")
+    if tailor_size <= 0:
+        raise ValueError(f"tailor_size must be positive, got {tailor_size}")
+    g = torch.Generator().manual_seed(unit_seed(seed, unit))
+    if numel >= tailor_size:
+        return torch.randperm(numel, generator=g)[:tailor_size]
+    extra = torch.randint(numel, (tailor_size - numel,), generator=g)
+    idx = torch.cat([torch.randperm(numel, generator=g), extra])
+    return idx[torch.randperm(tailor_size, generator=g)]
+
+
+def _sizes(spec: UnitSpec) -> tuple[list[int], torch.device]:
+    if isinstance(spec, int):
+        return [spec], torch.device("cpu")
+    items = list(spec)
+    if items and all(isinstance(t, torch.Tensor) for t in items):
+        return [t.numel() for t in items], items[0].device
+    if all(isinstance(t, int) for t in items):
+        return [int(t) for t in items], torch.device("cpu")
+    raise TypeError("a unit is given as a list of tensors, a list of tensor sizes, or one total size")
+
+
+class Tailor:
+    """Fixed per-unit sample indices and the gathering of snapshots.
+
+    ``units``: one entry per unit (unit index = position), each a list of the unit's parameter tensors, a
+    list of their sizes (``numel``), or one int (the unit's total size, as one tensor).
+    ``device``: where indices live; default: the device of each unit's first tensor (CPU for sizes).
+    """
+
+    def __init__(
+        self,
+        units: Sequence[UnitSpec],
+        tailor_size: int = 1024,  # weights sampled per unit (paper default 1024; Table 5 sweeps 512-4096)
+        seed: int = 0,  # base seed; unit u uses unit_seed(seed, u)
+        device: torch.device | str | None = None,
+    ):
+        self.tailor_size = int(tailor_size)
+        self.seed = int(seed)
+        self.numels: list[list[int]] = []
+        self.indices: list[torch.Tensor] = []  # (tailor_size,) int64, drawn order, per unit
+        self._local: list[list[torch.Tensor]] = []  # per unit, per tensor: sorted local offsets
+        self._restore: list[torch.Tensor] = []  # per unit: gathered (sorted) order -> drawn order
+        for u, spec in enumerate(units):
+            sizes, dev = _sizes(spec)
+            dev = torch.device(device) if device is not None else dev
+            idx = draw_indices(sum(sizes), self.tailor_size, self.seed, u)
+            self.numels.append(sizes)
+            self._build(idx, sizes, dev)
+
+    def _build(self, idx: torch.Tensor, sizes: list[int], dev: torch.device) -> None:
+        sorted_idx, order = torch.sort(idx)
+        bounds = torch.tensor([0, *sizes]).cumsum(0)
+        local = []
+        for i in range(len(sizes)):
+            lo, hi = torch.searchsorted(sorted_idx, bounds[i : i + 2]).tolist()
+            local.append((sorted_idx[lo:hi] - bounds[i]).to(dev))
+        restore = torch.empty_like(order)
+        restore[order] = torch.arange(len(order))  # gathered[restore] is in drawn order
+        self.indices.append(idx.to(dev))
+        self._local.append(local)
+        self._restore.append(restore.to(dev))
+
+    @property
+    def num_units(self) -> int:
+        return len(self.indices)
+
+    def to(self, device: torch.device | str) -> Tailor:
+        """Move every index tensor to ``device`` (in place; returns self)."""
+        self.indices = [t.to(device) for t in self.indices]
+        self._local = [[t.to(device) for t in ts] for ts in self._local]
+        self._restore = [t.to(device) for t in self._restore]
+        return self
+
+    def _gather(self, unit: int, params: Sequence[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+        if len(params) != len(self._local[unit]):
+            raise ValueError(f"unit {unit}: got {len(params)} tensors, tailored for {len(self._local[unit])}")
+        pieces = []
+        for p, loc, n in zip(params, self._local[unit], self.numels[unit]):
+            if p.numel() != n:
+                raise ValueError(f"unit {unit}: a tensor has {p.numel()} elements, tailored for {n}")
+            if loc.numel():
+                pieces.append(p.detach().reshape(-1).index_select(0, loc).to(dtype))
+        return pieces
+
+    def snapshot(
+        self, unit: int, unit_params: Sequence[torch.Tensor], dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """The tailored snapshot ``(tailor_size,)`` of unit ``unit`` whose parameters are ``unit_params``."""
+        return torch.cat(self._gather(unit, unit_params, dtype))[self._restore[unit]]
+
+    def snapshot_all(
+        self,
+        params: Sequence[Sequence[torch.Tensor]],
+        units: Sequence[int] | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """Snapshots ``(len(units), tailor_size)`` of ``units`` (default: all), row ``i`` for ``units[i]``.
+
+        ``params[u]`` is unit ``u``'s parameter list (indexed by unit id, like the constructor's list)."""
+        units = list(range(self.num_units)) if units is None else list(units)
+        if not units:
+            dev = self.indices[0].device if self.indices else torch.device("cpu")
+            return torch.empty(0, self.tailor_size, dtype=dtype, device=dev)
+        pieces = [piece for u in units for piece in self._gather(u, params[u], dtype)]
+        flat = torch.cat(pieces)  # unit blocks of tailor_size each, in sorted order within a block
+        restore = torch.stack([self._restore[u] for u in units])  # (k, T)
+        offset = torch.arange(len(units), device=restore.device).unsqueeze(1) * self.tailor_size
+        return flat[(restore + offset).reshape(-1)].view(len(units), self.tailor_size)
