@@ -18,13 +18,17 @@ What it measures, per model (same architecture, same initial weights, same batch
     ``predicted_ratio`` = ``CostModel.step_flops(frozen) / CostModel.full_step_flops`` and
     ``efficiency`` = (1 - measured) / (1 - predicted), the share of the predicted saving that materialised.
 
-Method: every variant is built once and warmed up with one untimed epoch; then ``--repeats`` rounds each time
+Method: every variant is built once and warmed up with ``--warmup`` untimed epochs; then ``--repeats`` rounds each time
 every variant for one epoch of ``--steps`` steps (``Trainer._fit()`` with ``trainer.epochs=1``, constant
 learning rate), in an order rotated every round so that no variant always runs first or last. Ratios are the
 median over rounds of the per-round (paired) ratios; step times are medians. All variants train on the same
 epoch-0 batch order every round, so the bare model and the trainer's model see the same batches and the same
 learning rate: their weights must agree at the end (``weights_max_abs_diff``, a check that both loops really
 do the same work).
+
+Shared machines: every timing also records how many CPUs other processes kept busy meanwhile; disturbed
+timings are re-measured (bounded) and left out of the medians when enough undisturbed rounds exist (see
+benchmarks/README.md, "Noise").
 
 The script prints figures as it goes and ends with one line ``RESULT <json>``.
 """
@@ -34,9 +38,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -50,8 +54,8 @@ from freezebench.data import DataBundle, build_data
 from freezebench.trainer import Trainer, resolve_device
 
 FRACTIONS = (0.25, 0.5, 0.75)
-VAL_FRACTION = 0.05  # keep the evaluation that _fit() always runs at its last epoch small (it is not timed)
 NUM_CLASSES = 10
+VAL_SAMPLES = 2 * NUM_CLASSES  # keep the evaluation _fit() always runs after its last epoch small (not timed)
 # short timed epochs, many rounds: on a shared machine a burst of contention then spoils few rounds
 DEFAULT_STEPS = {"resnet20": 16, "resnet18": 4}  # ~1.5-5 s per timed epoch on 2 CPU cores
 QUICK_STEPS = {"resnet20": 8, "resnet18": 2}
@@ -67,6 +71,15 @@ def sync(device: torch.device) -> None:
 
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
+
+
+MAX_OTHER_LOAD = 0.25  # CPUs other processes may keep busy during a measurement before it counts as disturbed
+RETRY_SHARE = 0.3  # re-measurements (and waiting for a quiet machine) may add at most this share of time
+QUIET_WAIT_S = 5.0  # before a re-measurement, wait up to this long for the other processes to calm down
+
+
+def contended(busy: float | None, limit: float) -> bool:
+    return busy is not None and busy > limit
 
 
 def cpu_model() -> str:
@@ -97,6 +110,50 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
+_HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _busy_cpu_s() -> float | None:
+    """CPU seconds all processes have spent so far (``/proc/stat``, steal time included); None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = v
+    return (user + nice + system + irq + softirq + steal) / _HZ
+
+
+def _own_cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def measure(fn: Any) -> tuple[float, float | None, int]:
+    """Run ``fn`` (returns seconds per step); also return the CPUs other processes kept busy meanwhile
+    (None when unknown) and this process's minor page faults (the allocator returning and re-mapping memory
+    is a real cost on CPU that varies from epoch to epoch)."""
+    f0, b0, o0, w0 = _minor_faults(), _busy_cpu_s(), _own_cpu_s(), time.perf_counter()
+    value = fn()
+    b1, o1, w1, f1 = _busy_cpu_s(), _own_cpu_s(), time.perf_counter(), _minor_faults()
+    if b0 is None or b1 is None or w1 - w0 < 0.2:  # /proc/stat counts in 10 ms ticks: too short to tell
+        return value, None, f1 - f0
+    return value, max(0.0, (b1 - b0) - (o1 - o0)) / max(w1 - w0, 1e-9), f1 - f0
+
+
+def wait_quiet(limit: float, max_wait: float, window: float = 0.5) -> None:
+    """Wait (at most ``max_wait`` s) until other processes keep fewer than ``limit`` CPUs busy."""
+    end = time.perf_counter() + max_wait
+    while time.perf_counter() < end:
+        _, busy, _ = measure(lambda: time.sleep(window))
+        if busy is None or busy <= limit:
+            return
+
+
 def load_avg() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -107,15 +164,17 @@ def load_avg() -> list[float] | None:
 # --- building the variants -----------------------------------------------------------------------------
 def overrides(args: argparse.Namespace, model: str, steps: int, policy: list[str]) -> list[str]:
     b = args.batch_size
-    # enough training samples for `steps` full batches plus the one batch the loop fetches before it stops
-    samples = math.ceil((steps + 1) * b / (1 - VAL_FRACTION)) + NUM_CLASSES
+    # enough training samples for `steps` full batches plus the one batch the loop fetches before it stops;
+    # a stratified validation split of VAL_SAMPLES (at least one sample per class)
+    samples = (steps + 1) * b + VAL_SAMPLES
+    val_fraction = VAL_SAMPLES / samples
     return [
         "tracking.enabled=false", "trainer.progress=false", "trainer.eval_every=0",
         *policy,
         f"model.name={model}",
         "data.name=synthetic", f"data.synthetic_size={args.image_size}", "data.synthetic_channels=3",
         f"data.synthetic_classes={NUM_CLASSES}", f"data.synthetic_samples={samples}",
-        f"data.val_fraction={VAL_FRACTION}", f"data.batch_size={b}", "data.eval_batch_size=512",
+        f"data.val_fraction={val_fraction!r}", f"data.batch_size={b}", "data.eval_batch_size=512",
         "trainer.epochs=1", f"trainer.max_steps_per_epoch={steps}", f"trainer.device={args.device}",
         "trainer.seed=0", "schedule.name=constant", "schedule.warmup_epochs=0",
         "optim.name=sgd", "optim.lr=0.05", "optim.momentum=0.9", "optim.nesterov=false", "optim.weight_decay=5e-4",
@@ -146,7 +205,18 @@ class Bare:
             loss.backward()
             opt.step()
         sync(self.device)
-        return (time.perf_counter() - t0) / self.steps
+        t = (time.perf_counter() - t0) / self.steps
+        self.evaluate()
+        return t
+
+    @torch.no_grad()
+    def evaluate(self) -> None:
+        """Untimed, like the evaluation ``Trainer._fit()`` runs after its last epoch: it leaves the memory
+        allocator in the same state for the next timed epoch of either loop."""
+        self.model.eval()
+        for x, y, _ in self.data.val:
+            F.cross_entropy(self.model(x), y, reduction="sum")
+        self.model.train()
 
 
 def data_only(data: DataBundle, steps: int, device: torch.device) -> float:
@@ -203,33 +273,72 @@ def bench_model(args: argparse.Namespace, model: str, steps: int, device: torch.
     }
     names = list(variants)
 
-    # warm-up: one untimed epoch of every variant (allocator, kernels selection, lazy imports, the freeze itself)
+    # warm-up: untimed epochs of every variant (lazy imports, the freeze itself, kernel selection, and the
+    # allocator's thresholds, which keep changing over the first epochs on CPU)
     t0 = time.perf_counter()
-    for name in names:
-        variants[name]()
-    print(f"warm-up done in {time.perf_counter() - t0:.1f}s", flush=True)
+    for _ in range(args.warmup):
+        for name in names:
+            variants[name]()
+    # sanity: both loops did the same training (same batches, lr, momentum, weight decay): identical weights
+    diff = max((a.detach() - b.detach()).abs().max().item()
+               for a, b in zip(full.model.parameters(), bare.model.parameters()))
+    scale = max(p.detach().abs().max().item() for p in full.model.parameters())
+    print(f"warm-up ({args.warmup} epochs) done in {time.perf_counter() - t0:.1f}s; weights max |trainer - bare| "
+          f"after it {diff:.2e} (max |w| {scale:.2f})", flush=True)
 
     times: dict[str, list[float]] = {n: [] for n in names}
+    others: dict[str, list[float | None]] = {n: [] for n in names}  # CPUs busy elsewhere meanwhile
+    page_faults: dict[str, list[int]] = {n: [] for n in names}
+    retried = 0
+    spent = {"first": 0.0, "retry": 0.0}  # re-measuring may cost at most RETRY_SHARE of the measuring time
+
+    def busy_at(v: str, r: int) -> bool:
+        return contended(others[v][r], args.max_other_load)
+
     for r in range(args.repeats):
         k = r % len(names)
         for name in names[k:] + names[:k]:  # rotate the order every round
-            times[name].append(variants[name]())
-        line = "  ".join(f"{n} {times[n][-1] * 1e3:7.1f}" for n in names)
+            t_m = time.perf_counter()
+            value, busy, faults = measure(variants[name])
+            spent["first"] += time.perf_counter() - t_m
+            for _ in range(args.retries):  # another process took CPU time meanwhile: measure again
+                if not contended(busy, args.max_other_load) or spent["retry"] > RETRY_SHARE * spent["first"]:
+                    break
+                t_m = time.perf_counter()
+                wait_quiet(args.max_other_load, QUIET_WAIT_S)
+                retried += 1
+                value, busy, faults = measure(variants[name])
+                spent["retry"] += time.perf_counter() - t_m
+            times[name].append(value)
+            others[name].append(busy)
+            page_faults[name].append(faults)
+        line = "  ".join(f"{n} {times[n][-1] * 1e3:7.1f}{'*' if busy_at(n, -1) else ' '}" for n in names)
         print(f"round {r + 1}/{args.repeats} (ms/step)  {line}", flush=True)
 
+    # statistics over the rounds measured without interference (all rounds when too few were)
+    def undisturbed(*vs: str) -> list[int]:
+        return [r for r in range(args.repeats) if not any(busy_at(v, r) for v in vs)]
+
+    def clean_rounds(*vs: str) -> list[int]:
+        """The undisturbed rounds; when fewer than half were, the least disturbed half of the rounds."""
+        ok = undisturbed(*vs)
+        need = min(args.repeats, max(2, (args.repeats + 1) // 2))
+        if len(ok) >= need:
+            return ok
+        load = [max((others[v][r] or 0.0) for v in vs) for r in range(args.repeats)]
+        return sorted(sorted(range(args.repeats), key=load.__getitem__)[:need])
+
+    def med(v: str) -> float:
+        return median([times[v][r] for r in clean_rounds(v)])
+
     def paired(a: str, b: str) -> float:
-        return median([x / y for x, y in zip(times[a], times[b])])
+        return median([times[a][r] / times[b][r] for r in clean_rounds(a, b)])
 
     def best(a: str, b: str) -> float:  # ratio of the fastest rounds: least disturbed by other processes
         return min(times[a]) / min(times[b])
 
-    bare_ms, trainer_ms = median(times["bare"]) * 1e3, median(times["trainer"]) * 1e3
+    bare_ms, trainer_ms = med("bare") * 1e3, med("trainer") * 1e3
     overhead = paired("trainer", "bare")
-
-    # sanity: both loops did the same training (same batches, lr, momentum, weight decay)
-    diff = max((a.detach() - b.detach()).abs().max().item()
-               for a, b in zip(full.model.parameters(), bare.model.parameters()))
-    scale = max(p.detach().abs().max().item() for p in full.model.parameters())
 
     freeze_rows = [{"fraction": 0.0, "frozen_units": 0, "frozen_param_frac": 0.0, "step_ms": trainer_ms,
                     "measured_ratio": 1.0, "predicted_ratio": 1.0, "efficiency": None,
@@ -241,13 +350,18 @@ def bench_model(args: argparse.Namespace, model: str, steps: int, device: torch.
         eff = (1 - measured) / (1 - predicted) if predicted < 1 else None
         freeze_rows.append({
             "fraction": f, "frozen_units": len(frozen), "frozen_param_frac": t.freezer.frozen_param_fraction,
-            "step_ms": median(times[f"f{f:g}"]) * 1e3, "measured_ratio": measured,
-            "predicted_ratio": predicted, "efficiency": eff, "measured_ratio_of_minima": best(f"f{f:g}", "trainer"),
+            "step_ms": med(f"f{f:g}") * 1e3, "measured_ratio": measured,
+            "predicted_ratio": predicted, "efficiency": eff,
+            "measured_ratio_of_minima": best(f"f{f:g}", "trainer"),
         })
 
     print(f"-- {model}: (a) trainer overhead: bare {bare_ms:.1f} ms/step, trainer {trainer_ms:.1f} ms/step, "
-          f"ratio {overhead:.3f} (target <= 1.03; fastest rounds {best('trainer', 'bare'):.3f}); loader alone {median(times['data']) * 1e3:.2f} ms/step; "
-          f"weights max |trainer - bare| {diff:.2e} (max |w| {scale:.2f})")
+          f"ratio {overhead:.3f} (target <= 1.03; fastest rounds {best('trainer', 'bare'):.3f}); "
+          f"loader alone {med('data') * 1e3:.2f} ms/step; {len(undisturbed('trainer', 'bare'))} undisturbed "
+          f"rounds of {args.repeats}, {retried} re-measurements")
+    if len(undisturbed("trainer", "bare")) < (args.repeats + 1) // 2:
+        print(f"   WARNING: other processes kept the CPUs busy during most rounds; the figures use the least "
+              f"disturbed half of the rounds and are unreliable: rerun on a quieter machine", flush=True)
     print(f"-- {model}: (b) freeze speed-up vs cost model")
     print(f"   {'frac':>5} {'frozen':>6} {'params':>7} {'ms/step':>8} {'measured':>9} {'predicted':>9} {'effic.':>7}")
     for row in freeze_rows:
@@ -264,14 +378,18 @@ def bench_model(args: argparse.Namespace, model: str, steps: int, device: torch.
         "full_step_gflops_per_sample": cost.full_step_flops / 1e9,
         "bare_ms_per_step": bare_ms,
         "trainer_ms_per_step": trainer_ms,
-        "data_ms_per_step": median(times["data"]) * 1e3,
+        "data_ms_per_step": med("data") * 1e3,
         "overhead_ratio": overhead,
         "overhead_ratio_of_medians": trainer_ms / bare_ms,
         "overhead_ratio_of_minima": best("trainer", "bare"),
         "overhead_ms_per_step": trainer_ms - bare_ms,
-        "weights_max_abs_diff": diff,
+        "weights_max_abs_diff": diff,  # after the warm-up epochs; 0 means both loops trained identically
         "freeze": freeze_rows,
+        "undisturbed_rounds_overhead": len(undisturbed("trainer", "bare")),  # < repeats/2: unreliable
+        "remeasured": retried,
         "raw_s_per_step": times,
+        "raw_other_cpus": others,
+        "raw_minor_page_faults": page_faults,
     }
 
 
@@ -289,15 +407,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (timings synchronise the device)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed warm-up epochs per variant (default 2; --quick: 1)")
+    p.add_argument("--retries", type=int, default=2,
+                   help="re-measure a timing up to this many times when other processes used the CPUs meanwhile")
+    p.add_argument("--max-other-load", type=float, default=MAX_OTHER_LOAD,
+                   help="CPUs other processes may keep busy during a timing before it counts as disturbed")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     p.add_argument("--quick", action="store_true", help="smoke run: fewer steps and rounds, resnet20 only")
     args = p.parse_args(argv)
     if args.models is None:
         args.models = "resnet20" if args.quick else "resnet20,resnet18"
+    if args.warmup is None:
+        args.warmup = 1 if args.quick else 2
     if args.repeats is None:
         args.repeats = QUICK_REPEATS if args.quick else DEFAULT_REPEATS
-    if args.repeats < 1 or (args.steps is not None and args.steps < 1):
-        p.error("--steps and --repeats must be positive")
+    if args.repeats < 1 or args.warmup < 1 or (args.steps is not None and args.steps < 1):
+        p.error("--steps, --repeats and --warmup must be positive")
     return args
 
 
@@ -312,6 +438,8 @@ def main(argv: list[str] | None = None) -> None:
     machine = machine_info(device)
     settings = {"models": models, "steps": steps_of, "repeats": args.repeats, "batch_size": args.batch_size,
                 "image_size": args.image_size, "device": str(device), "quick": args.quick,
+                "warmup": args.warmup, "retries": args.retries, "max_other_load": args.max_other_load,
+                "threads": torch.get_num_threads(),
                 "fractions": [0.0, *FRACTIONS], "optimizer": "sgd lr=0.05 momentum=0.9 wd=5e-4 (constant lr)",
                 "data": f"synthetic {NUM_CLASSES} classes, 3x{args.image_size}x{args.image_size}",
                 "timing": "trainer: history time/train_s / steps; bare: same span; medians / median paired ratios"}

@@ -152,6 +152,7 @@ class Trainer:
         self.policy.setup(self.units, self.plan)
         self.needs = frozenset(type(policy).needs)
         self.lr_override: dict[int, float] = {}
+        self._schedule = OmegaConf.to_object(cfg.schedule)  # plain dataclass: read every step, cheaply
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[tc.precision]
         self.scaler = torch.amp.GradScaler("cuda") if tc.precision == "fp16" else None
         self._probe: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -187,7 +188,7 @@ class Trainer:
             torch.cuda.synchronize(self.device)
 
     def _set_lr(self, step: int) -> None:
-        factor = lr_factor(self.cfg.schedule, step, self.plan.steps_per_epoch, self.plan.total_steps)
+        factor = lr_factor(self._schedule, step, self.plan.steps_per_epoch, self.plan.total_steps)
         self.current_lr_factor = factor
         for g in self.optimizer.param_groups:
             scale = self.lr_override.get(g.get("unit", -1))
@@ -320,6 +321,9 @@ class Trainer:
         from tqdm.auto import tqdm
 
         val_loss = val_acc = float("nan")
+        # config values read in the step loop, copied once (an OmegaConf attribute read costs ~10 us)
+        channels_last = tc.channels_last and self.device.type == "cuda"
+        check_every = tc.check_finite_every
         for epoch in range(plan.epochs):
             self.freezer.train_mode()
             self.data.train.set_epoch(epoch)
@@ -336,7 +340,7 @@ class Trainer:
             for b, (x, y, idx) in enumerate(self.data.train):
                 if b >= plan.steps_per_epoch:
                     break
-                if tc.channels_last and x.dim() == 4 and self.device.type == "cuda":
+                if channels_last and x.dim() == 4:
                     x = x.contiguous(memory_format=torch.channels_last)
                 self._set_lr(self.step)
                 with self._autocast():
@@ -358,7 +362,7 @@ class Trainer:
                 correct += (out.detach().argmax(1) == y).sum()
                 flops_epoch += self.step_cost * n
                 flops_full_epoch += full_cost * n
-                if self.step % tc.check_finite_every == 0:
+                if self.step % check_every == 0:
                     self._check_finite(loss)
                     bar.set_postfix(loss=f"{loss.item():.3f}", frozen=len(self.freezer.frozen), refresh=False)
                 self._policy_tick(self.step, losses, idx)
