@@ -61,7 +61,7 @@ from typing import Any
 import torch
 
 from freezebench.errors import ConfigError
-from freezebench.policy import Decision, FreezePolicy, Plan, PolicyConfig, Signal, Signals
+from freezebench.policy import Decision, FreezePolicy, Plan, PolicyConfig, Signal, Signals, epoch_check_offsets
 
 
 @dataclass
@@ -74,8 +74,7 @@ class AutoFreezeConfig(PolicyConfig):
 # --- pure core ----------------------------------------------------------------------------------------
 def eval_offsets(steps_per_epoch: int, evals_per_epoch: int) -> list[int]:
     """Epoch-steps (1..steps_per_epoch) after which an evaluation runs: ``ceil(k*S/M)``, k = 1..M, deduplicated."""
-    s, m = steps_per_epoch, evals_per_epoch
-    return sorted({(k * s + m - 1) // m for k in range(1, m + 1)})
+    return epoch_check_offsets(steps_per_epoch, evals_per_epoch)
 
 
 def relative_changes(g_prev: Sequence[float], g_now: Sequence[float]) -> list[float]:

@@ -74,7 +74,7 @@ from typing import Any
 import torch
 
 from freezebench.errors import ConfigError, FreezebenchError
-from freezebench.policy import Decision, FreezePolicy, Plan, PolicyConfig, Signal, Signals
+from freezebench.policy import Decision, FreezePolicy, Plan, PolicyConfig, Signal, Signals, epoch_check_offsets
 from freezebench.similarity import cka_from_grams, gram_linear
 
 log = logging.getLogger(__name__)
@@ -103,11 +103,10 @@ def check_steps(steps_per_epoch: int, epochs: int, checks_per_epoch: int) -> lis
 
     ``checks_per_epoch`` evenly spaced checks per epoch, the last at the epoch's end (check ``j`` of
     epoch ``e`` after step ``e * S + ceil(j * S / c)``); more checks than steps per epoch means one check
-    after every step.
+    after every step (:func:`freezebench.policy.epoch_check_offsets`).
     """
-    c = max(1, min(checks_per_epoch, steps_per_epoch))
-    s = steps_per_epoch
-    return [e * s + (j * s + c - 1) // c for e in range(epochs) for j in range(1, c + 1)]
+    offsets = epoch_check_offsets(steps_per_epoch, checks_per_epoch)
+    return [e * steps_per_epoch + o for e in range(epochs) for o in offsets]
 
 
 def window_variance(values: Sequence[float]) -> float:

@@ -39,6 +39,16 @@ class Signal(enum.Enum):
     SAMPLE_LOSSES = "sample_losses"  # per-sample training losses of the last batch, with dataset indices
 
 
+def epoch_check_offsets(steps_per_epoch: int, checks_per_epoch: int) -> list[int]:
+    """Steps into an epoch (1..S) after which each of ``checks_per_epoch`` evenly spaced checks runs.
+
+    Check ``j`` (1..c) runs after ``ceil(j * S / c)`` steps, so the last one ends the epoch; more checks than
+    steps means one check after every step. Shared by every policy that acts "M times per epoch".
+    """
+    s, c = steps_per_epoch, max(1, min(checks_per_epoch, steps_per_epoch))
+    return sorted({(j * s + c - 1) // c for j in range(1, c + 1)})
+
+
 @dataclass(frozen=True)
 class Plan:
     """The shape of the training run, known before the first step."""
@@ -53,6 +63,11 @@ class Plan:
     @property
     def total_steps(self) -> int:
         return self.epochs * self.steps_per_epoch
+
+    def check_steps(self, checks_per_epoch: int) -> frozenset[int]:
+        """Global step counts of ``checks_per_epoch`` evenly spaced checks in every epoch."""
+        offsets = epoch_check_offsets(self.steps_per_epoch, checks_per_epoch)
+        return frozenset(e * self.steps_per_epoch + o for e in range(self.epochs) for o in offsets)
 
     def epoch_of(self, step: int) -> float:
         """Epochs completed after ``step`` optimiser steps (fractional)."""

@@ -56,3 +56,13 @@ def test_double_registration_is_an_error():
     reg.register("a", 1)
     with pytest.raises(FreezebenchError, match="twice"):
         reg.register("a", 2)
+
+
+def test_check_schedule_shared_by_policies():
+    from freezebench.policy import Plan, epoch_check_offsets
+
+    assert epoch_check_offsets(10, 4) == [3, 5, 8, 10]
+    assert epoch_check_offsets(4, 4) == [1, 2, 3, 4]
+    assert epoch_check_offsets(3, 8) == [1, 2, 3]  # more checks than steps: after every step
+    plan = Plan(epochs=2, steps_per_epoch=10, batch_size=1, base_lr=0.1, seed=0)
+    assert sorted(plan.check_steps(2)) == [5, 10, 15, 20]
