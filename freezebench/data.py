@@ -135,8 +135,10 @@ class IndexedDataset(torch.utils.data.Dataset):
 class FolderLoader:
     """A DataLoader over an :class:`IndexedDataset` with a per-epoch seeded shuffle and device copies."""
 
-    def __init__(self, ds: Any, batch_size: int, *, shuffle: bool, seed: int, num_workers: int, device: Any):
+    def __init__(self, ds: Any, batch_size: int, *, shuffle: bool, seed: int, num_workers: int, device: Any,
+                 probe_ds: Any = None):
         self.ds = IndexedDataset(ds)
+        self.probe_ds = probe_ds if probe_ds is not None else ds  # same samples, no random augmentation
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.num_workers, self.device, self.epoch = num_workers, torch.device(device), 0
 
@@ -175,7 +177,7 @@ class DataBundle:
         if isinstance(base, TensorLoader):
             i = idx.to(base.device)
             return base._prepare(base.x[i], None), base.y[i]
-        xs, ys = zip(*(base.ds.base[int(j)] for j in idx))
+        xs, ys = zip(*(base.probe_ds[int(j)] for j in idx))
         return torch.stack(xs).to(base.device), torch.as_tensor(ys).to(base.device)
 
 
@@ -291,12 +293,15 @@ def imagefolder(cfg: Any, *, seed: int, device: Any) -> DataBundle:
         tt = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), norm])
     tv = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), norm])
     train = ImageFolder(str(root / "train"), transform=tt)
+    probe = ImageFolder(str(root / "train"), transform=tv)  # the probe batch must not change between calls
     val = ImageFolder(str(root / "val"), transform=tv)
     if cfg.train_subset is not None:
-        train = torch.utils.data.Subset(train, range(min(cfg.train_subset, len(train))))
+        keep = range(min(cfg.train_subset, len(train)))
+        train, probe = torch.utils.data.Subset(train, keep), torch.utils.data.Subset(probe, keep)
     classes = len(val.classes)
     info = DataInfo("imagefolder", classes, 3, size, len(train), len(val), cfg.augment)
-    tl = FolderLoader(train, cfg.batch_size, shuffle=True, seed=seed, num_workers=cfg.num_workers, device=device)
+    tl = FolderLoader(train, cfg.batch_size, shuffle=True, seed=seed, num_workers=cfg.num_workers, device=device,
+                      probe_ds=probe)
     vl = FolderLoader(val, cfg.eval_batch_size, shuffle=False, seed=seed, num_workers=cfg.num_workers,
                       device=device)
     return DataBundle(info, tl, vl)

@@ -121,3 +121,7 @@ def test_imagefolder(tmp_path):
     assert sum(len(b[2]) for b in batches) == 6 and batches[0][0].shape[1:] == (3, 16, 16)
     px, py = d.probe_batch(4, seed=0)
     assert px.shape == (4, 3, 16, 16)
+    # with random augmentation on, the probe batch is still the same every time
+    d = build_data(cfg(name="imagefolder", root=str(tmp_path), image_size=16, batch_size=4, augment=True),
+                   seed=0, device="cpu")
+    assert torch.equal(d.probe_batch(4, seed=0)[0], d.probe_batch(4, seed=0)[0])
