@@ -25,6 +25,7 @@ import tempfile
 import torch
 
 from freezebench.config import load_config
+from freezebench.errors import FreezebenchError
 from freezebench.registry import POLICIES
 from freezebench.trainer import Trainer
 
@@ -59,6 +60,7 @@ def main() -> None:
     names = [p for p in args.policies.split(",") if p] or POLICIES.names()
     outdir = tempfile.mkdtemp(prefix="fb-overhead-")
     rows = []
+    skipped: dict[str, str] = {}
     reference = None
     order = ["full"] + [n for n in names if n != "full"]
     for name in order:
@@ -67,7 +69,12 @@ def main() -> None:
             if reference is None:
                 reference = run("full", args.model, args.epochs, [], outdir)["checkpoint"]
             extra = [f"policy.reference={reference}"]
-        row = run(name, args.model, args.epochs, extra, outdir)
+        try:
+            row = run(name, args.model, args.epochs, extra, outdir)
+        except FreezebenchError as e:  # e.g. smartfrz before predictor weights are shipped
+            print(f"{name:<18} skipped: {e}", flush=True)
+            skipped[name] = str(e)
+            continue
         if name == "full":
             reference = row["checkpoint"]
         if name not in names:
@@ -85,6 +92,7 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "platform": platform.platform(),
                     "python": sys.version.split()[0], "device": "cpu"},
         "rows": rows,
+        "skipped": skipped,
     }
     print("RESULT " + json.dumps(result))
 

@@ -29,6 +29,9 @@ SETTINGS: dict[str, dict] = {
     # {reference}: the checkpoint of a `full` run of the same tiny model (fixture below)
     "cka_oracle": {"overrides": ["policy.reference={reference}", "policy.checks_per_epoch=4", "policy.window=2",
                                  "policy.var_threshold=1.0", "policy.cutoff=0.0"], "freezes": True},
+    # {weights}: a predictor file that always predicts "freeze" (fixture below)
+    "smartfrz": {"overrides": ["policy.weights={weights}", "policy.window=2", "policy.record_every=1"],
+                 "freezes": True},
 }
 
 
@@ -49,14 +52,30 @@ def reference_checkpoint(tmp_path_factory):
     return str(trainer.save_checkpoint(out / "ref.pt"))
 
 
+@pytest.fixture(scope="session")
+def always_freeze_predictor(tmp_path_factory):
+    """A SmartFRZ predictor file (window 2) whose output always favours the freeze class."""
+    from freezebench.predictors.model import SmartFRZPredictor
+    from freezebench.predictors.weights import save_predictor
+
+    model = SmartFRZPredictor(tailor_size=1024)
+    with torch.no_grad():
+        model.mlp_z[-1].weight.zero_()
+        model.mlp_z[-1].bias.copy_(torch.tensor([-10.0, 10.0]))
+    path = tmp_path_factory.mktemp("predictor") / "always_freeze.pt"
+    save_predictor(path, model, metadata={"window": 2, "provenance": {"source": "contract test"}})
+    return str(path)
+
+
 def _norm_state(unit):
     return [b.clone() for m in unit.norm_modules for b in m.buffers()]
 
 
 @pytest.mark.parametrize("name", POLICIES.names())
-def test_policy_contract(name, mlflow_uri, tiny_overrides, reference_checkpoint):
+def test_policy_contract(name, mlflow_uri, tiny_overrides, reference_checkpoint, always_freeze_predictor):
     setting = SETTINGS[name]
-    overrides = [o.replace("{reference}", reference_checkpoint) for o in setting["overrides"]]
+    overrides = [o.replace("{reference}", reference_checkpoint).replace("{weights}", always_freeze_predictor)
+                 for o in setting["overrides"]]
     cfg = load_config([f"policy={name}", *tiny_overrides, "model.granularity=layer", *overrides])
     trainer = Trainer(cfg)
     initial = {id(p): p.detach().clone() for p in trainer.model.parameters()}

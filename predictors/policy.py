@@ -1,0 +1,204 @@
+"""``smartfrz``: freeze the layers that an attention-based predictor, reading their weight history, says to.
+
+Method card
+-----------
+Paper: Sheng Li, Geng Yuan, Yue Dai, Youtao Zhang, Yanzhi Wang, Xulong Tang. "SmartFRZ: An Efficient
+Training Framework using Attention-Based Layer Freezing". ICLR 2023, arXiv:2401.16720.
+
+Rule (paper sections 3-4, figure 1):
+
+* every ``record_every`` steps, record a *tailored* snapshot of every active (not yet frozen) freezable
+  layer: the same ``tailor_size`` randomly sampled weights of the layer each time (:mod:`.tailoring`),
+  kept in a per-layer ring buffer of the last ``window`` snapshots (:mod:`.history`);
+* every ``stage_every`` steps a *freezing stage*: the shared predictor (:mod:`.model`, eq. 1-4) reads the
+  window of each active layer and predicts "freeze" or "keep training"; the layers predicted "freeze" are
+  frozen, in any order (non-sequential: a later layer may freeze before an earlier one, section 3.4);
+  a frozen layer is no longer recorded and its history is discarded; never unfreeze.
+
+Defaults and their source: ``window = 30`` and ``tailor_size = 1024`` (paper, section 4 and Tables 4-5);
+layer granularity, a convolution frozen together with its BatchNorm (paper, section 4; our layer units
+do that). ``record_every``: ``max(1, steps_per_epoch // 30)`` (about 30 snapshots per epoch, as the
+third-party code records; the paper does not say). ``stage_every``: one freezing stage per epoch
+("periodically" in the paper).
+
+Details that are ours:
+
+* **Readiness.** A layer is only judged once its window is full (``window`` snapshots recorded); until
+  then it keeps training. All ready layers are judged at once, in one batched predictor call.
+* **Sequential option.** ``sequential = true`` freezes only the longest run of active layers, from the
+  front, that are all ready and predicted "freeze" (for comparison with sequential methods); the paper's
+  SmartFRZ is non-sequential (the default).
+* **Normalisation.** The predictor normalises each window itself (the mode is stored in its weights file;
+  ``standardize`` by default); the paper does not say how windows are scaled. The final choice is pending
+  validation on held-out runs.
+* **Predictor.** The paper trains one predictor on ImageNet/ResNet-50 and reuses it everywhere. Ours is
+  trained on our own runs (a later issue ships ``predictors/weights/smartfrz_default.pt``); until then a
+  predictor file must be passed with ``policy.weights``. The file's tailor size and window must equal the
+  config's (checked at setup).
+* **Cost.** Snapshots are gathered on the training device with one batched index per record (no host
+  synchronisation); a stage makes one predictor call and one device-to-host transfer of the decisions.
+  The trainer times all policy work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from freezebench.errors import ConfigError
+from freezebench.policy import Decision, FreezePolicy, Plan, PolicyConfig, Signal, Signals
+
+from .history import HistoryBuffer
+from .tailoring import Tailor
+from .weights import DEFAULT_WEIGHTS, load_predictor
+
+
+@dataclass
+class SmartFRZConfig(PolicyConfig):
+    name: str = "smartfrz"
+    weights: str | None = None  # predictor file (save_predictor); null: shipped predictors/weights/smartfrz_default.pt
+    window: int = 30  # snapshots per layer the predictor reads (paper default 30; Table 4 sweeps 20-50)
+    tailor_size: int = 1024  # weights sampled per layer per snapshot (paper default 1024; Table 5 sweeps 512-4096)
+    record_every: int | None = None  # steps between snapshots; null: max(1, steps_per_epoch // 30), ~30 per epoch
+    stage_every: int | None = None  # steps between freezing stages; null: once per epoch (steps_per_epoch)
+    sequential: bool = False  # true: freeze only the longest front prefix of active layers predicted "freeze"
+    seed: int = 0  # seed of the tailoring indices (which weights of each layer are sampled)
+
+
+def sequential_prefix(active: Sequence[int], predicted: dict[int, bool]) -> list[int]:
+    """The longest run of ``active`` units, from the front, whose prediction is "freeze" (missing = keep)."""
+    out = []
+    for u in active:
+        if not predicted.get(u, False):
+            break
+        out.append(u)
+    return out
+
+
+class SmartFRZ(FreezePolicy):
+    __doc__ = __doc__
+    name = "smartfrz"
+    needs = frozenset({Signal.WEIGHTS})
+    granularity = "layer"
+    Config = SmartFRZConfig
+
+    @staticmethod
+    def validate_config(cfg: SmartFRZConfig) -> None:
+        if cfg.window < 1:
+            raise ConfigError(f"policy.window must be >= 1 snapshot, got {cfg.window}")
+        if cfg.tailor_size < 1:
+            raise ConfigError(f"policy.tailor_size must be >= 1, got {cfg.tailor_size}")
+        for key in ("record_every", "stage_every"):
+            v = getattr(cfg, key)
+            if v is not None and v < 1:
+                raise ConfigError(f"policy.{key} must be >= 1 step (or null for the default), got {v}")
+
+    @staticmethod
+    def weights_path(cfg: SmartFRZConfig) -> str:
+        """The predictor file to load: ``cfg.weights`` or the shipped default (a clear error if absent)."""
+        if cfg.weights:
+            return str(cfg.weights)
+        if not DEFAULT_WEIGHTS.is_file():
+            raise ConfigError(
+                f"policy.weights is null, which means the shipped default predictor {DEFAULT_WEIGHTS}, but no "
+                f"default SmartFRZ predictor weights are shipped yet; pass a trained predictor file with "
+                f"policy.weights=path/to/predictor.pt (written by freezebench.predictors.weights.save_predictor)"
+            )
+        return str(DEFAULT_WEIGHTS)
+
+    def setup(self, units, plan: Plan) -> None:
+        super().setup(units, plan)
+        c = self.cfg
+        self.validate_config(c)
+        self.predictor, self.predictor_meta = load_predictor(
+            self.weights_path(c), tailor_size=c.tailor_size, window=c.window, device=plan.device
+        )
+        self.record_every = c.record_every or max(1, plan.steps_per_epoch // 30)
+        self.stage_every = c.stage_every or plan.steps_per_epoch
+        self._units = list(self.freezable)  # row r of the history/tailor = unit self._units[r]
+        self._row = {u: r for r, u in enumerate(self._units)}
+        self._params = [list(units[u].parameters) for u in self._units]
+        self.tailor = Tailor(self._params, tailor_size=c.tailor_size, seed=c.seed, device=plan.device)
+        self.history = HistoryBuffer(len(self._units), c.window, c.tailor_size, device=plan.device)
+        self.records = 0  # snapshots recorded (record calls)
+        self.stages = 0  # freezing stages run
+        self.last_stage: dict[str, float] = {}  # figures of the last stage (epoch_metrics)
+
+    # --- life cycle -----------------------------------------------------------------------------------
+    def observe_at(self, step: int) -> bool:
+        return step > 0 and step % self.record_every == 0 and bool(self.active_units())
+
+    def observe(self, step: int, signals: Signals) -> None:
+        rows = [self._row[u] for u in self.active_units()]
+        if not rows:
+            return
+        with torch.no_grad():
+            snaps = self.tailor.snapshot_all(self._params, rows)
+        self.history.record(rows, snaps)
+        self.records += 1
+
+    def decide_at(self, step: int) -> bool:
+        return step > 0 and step % self.stage_every == 0
+
+    def decide(self, step: int) -> Decision | None:
+        active = self.active_units()
+        live = set(active)
+        ready_rows = [r for r in self.history.ready_units() if self._units[r] in live]
+        self.stages += 1
+        if not ready_rows:
+            self.last_stage = {"evaluated_units": 0.0, "predicted_freeze_frac": 0.0}
+            return None
+        with torch.no_grad():
+            probs = self.predictor.probabilities(self.history.windows(ready_rows))
+        p_freeze = probs[:, 1].tolist()  # the one device->host transfer of a stage
+        wins = (probs[:, 1] > probs[:, 0]).tolist()
+        predicted = {self._units[r]: bool(w) for r, w in zip(ready_rows, wins)}
+        conf = {self._units[r]: p for r, p in zip(ready_rows, p_freeze)}
+        n_pred = sum(predicted.values())
+        self.last_stage = {"evaluated_units": float(len(ready_rows)), "predicted_freeze_frac": n_pred / len(ready_rows)}
+        if self.cfg.sequential:
+            todo = sequential_prefix(active, predicted)
+        else:
+            todo = [u for u in active if predicted.get(u, False)]
+        for u in todo:
+            self.history.drop(self._row[u])
+        if not todo:
+            return None
+        shown = ", ".join(f"{u}:{conf[u]:.3f}" for u in todo)
+        return Decision(freeze=todo, reason=f"predictor: freeze (p_freeze {shown})")
+
+    def notify_frozen(self, frozen: frozenset[int]) -> None:
+        super().notify_frozen(frozen)
+        for u in frozen:  # units frozen by anyone: forget their history
+            r = self._row.get(u)
+            if r is not None and self.history.count(r):
+                self.history.drop(r)
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """Figures of the last freezing stage: units judged and the fraction predicted "freeze"."""
+        return dict(self.last_stage)
+
+    # --- checkpointing --------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "history": self.history.state_dict(),
+            "records": self.records,
+            "stages": self.stages,
+            "last_stage": dict(self.last_stage),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        hist = state["history"]
+        if int(hist["window"]) != self.history.window or int(hist["tailor_size"]) != self.history.tailor_size:
+            raise ConfigError(
+                f"SmartFRZ state was saved with window={hist['window']}, tailor_size={hist['tailor_size']}, but "
+                f"this run has window={self.history.window}, tailor_size={self.history.tailor_size}; resume with "
+                f"the same policy.window and policy.tailor_size"
+            )
+        self.history.load_state_dict(hist)
+        self.records = int(state["records"])
+        self.stages = int(state["stages"])
+        self.last_stage = {str(k): float(v) for k, v in state.get("last_stage", {}).items()}
