@@ -66,3 +66,24 @@ def test_module_entry_point_exit_status(tmp_path):
                        text=True, cwd=tmp_path, env=env, timeout=120)
     assert p.returncode == 2
     assert "unknown policy 'nope'" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_predictor_collect_and_train_commands(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tiny = ["model.name=tiny", "data.name=synthetic", "data.synthetic_samples=160", "data.batch_size=16",
+            "trainer.epochs=3", "trainer.max_steps_per_epoch=4", "trainer.device=cpu"]
+    opts = ["--window", "2", "--tailor-size", "64", "--record-every", "1", "--checks-per-epoch", "2",
+            "--oracle-window", "2", "--var-threshold", "1.0", "--cutoff", "0.0"]
+    for seed in (0, 1):
+        assert main(["predictor", "collect", *tiny, f"trainer.seed={seed}", "--out", f"d{seed}.pt",
+                     "--run-id", f"r{seed}", *opts]) == 0
+    assert main(["predictor", "train", "d0.pt", "d1.pt", "--out", "p.pt", "--epochs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "validation: accuracy" in out and (tmp_path / "p.pt").is_file()
+    from freezebench.predictors.weights import load_predictor
+
+    _, meta = load_predictor(tmp_path / "p.pt", window=2, tailor_size=64)
+    assert meta["provenance"]["val_runs"] == ["r1"]
+    # a missing dataset file is one clear line
+    assert main(["predictor", "train", "missing.pt", "--out", "q.pt"]) == 2
+    assert "missing.pt" in capsys.readouterr().err
