@@ -69,6 +69,10 @@ def _parser() -> argparse.ArgumentParser:
     trn.add_argument("--norm", default="standardize", choices=["standardize", "delta", "none"])
     trn.add_argument("--seed", type=int, default=0)
     trn.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    ev = prs.add_parser("evaluate", help="agreement of a predictor with the oracle labels of held-out datasets")
+    ev.add_argument("weights", help="predictor weights file")
+    ev.add_argument("datasets", nargs="+", help="dataset files from `predictor collect`")
+    ev.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     ls = sub.add_parser("list", help="list registered policies, models and datasets")
     ls.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -134,6 +138,12 @@ def _predictor(args: argparse.Namespace) -> int:
                        checks_per_epoch=args.checks_per_epoch, oracle_window=args.oracle_window,
                        var_threshold=args.var_threshold, cutoff=args.cutoff, seed=args.seed, run_id=args.run_id)
         print(f"dataset written: {path}")
+        return 0
+    if args.predictor_command == "evaluate":
+        from .predictors.train import evaluate_predictor
+
+        m = evaluate_predictor(args.weights, args.datasets)
+        print("agreement with the oracle: " + "  ".join(f"{k} {v:.4g}" for k, v in m.items()))
         return 0
     from .predictors.train import train_predictor
 

@@ -155,3 +155,24 @@ def train_predictor(
     }
     save_predictor(out, model, metadata={"window": int(data["window"]), "provenance": provenance})
     return (metrics, model) if return_model else metrics
+
+
+def evaluate_predictor(weights: str | os.PathLike, datasets: Sequence[str | os.PathLike], *,
+                       batch_size: int = 256, device: str = "cpu") -> dict[str, float]:
+    """Agreement of a trained predictor with the CKA-oracle labels of ``datasets`` (e.g. held-out runs of
+    an architecture the predictor never saw): accuracy, precision/recall/F1 of the freeze class, ROC AUC."""
+    from .weights import load_predictor
+
+    data = merge_datasets(list(datasets))
+    model, _meta = load_predictor(weights, tailor_size=int(data["tailor_size"]), window=int(data["window"]),
+                                  device=device)
+    x, y = data["windows"], data["labels"]
+    probs = []
+    with torch.no_grad():
+        for i in range(0, len(y), batch_size):
+            logits = model(x[i : i + batch_size].to(device=device, dtype=torch.float32))
+            probs.append(torch.softmax(logits, dim=-1)[:, 1].cpu())
+    p = torch.cat(probs) if probs else torch.zeros(0)
+    out = binary_metrics(p, y)
+    out.update({"n": float(len(y)), "freeze_frac": float(y.float().mean()) if len(y) else float("nan")})
+    return out

@@ -84,6 +84,8 @@ def test_predictor_collect_and_train_commands(tmp_path, capsys, monkeypatch):
 
     _, meta = load_predictor(tmp_path / "p.pt", window=2, tailor_size=64)
     assert meta["provenance"]["val_runs"] == ["r1"]
+    assert main(["predictor", "evaluate", "p.pt", "d1.pt"]) == 0
+    assert "agreement with the oracle: accuracy" in capsys.readouterr().out
     # a missing dataset file is one clear line
     assert main(["predictor", "train", "missing.pt", "--out", "q.pt"]) == 2
     assert "missing.pt" in capsys.readouterr().err
