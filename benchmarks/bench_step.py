@@ -360,8 +360,8 @@ def bench_model(args: argparse.Namespace, model: str, steps: int, device: torch.
           f"loader alone {med('data') * 1e3:.2f} ms/step; {len(undisturbed('trainer', 'bare'))} undisturbed "
           f"rounds of {args.repeats}, {retried} re-measurements")
     if len(undisturbed("trainer", "bare")) < (args.repeats + 1) // 2:
-        print(f"   WARNING: other processes kept the CPUs busy during most rounds; the figures use the least "
-              f"disturbed half of the rounds and are unreliable: rerun on a quieter machine", flush=True)
+        print("   WARNING: other processes kept the CPUs busy during most rounds; the figures use the least "
+              "disturbed half of the rounds and are unreliable: rerun on a quieter machine", flush=True)
     print(f"-- {model}: (b) freeze speed-up vs cost model")
     print(f"   {'frac':>5} {'frozen':>6} {'params':>7} {'ms/step':>8} {'measured':>9} {'predicted':>9} {'effic.':>7}")
     for row in freeze_rows:

@@ -35,6 +35,7 @@ from .config import flatten, to_yaml
 from .cost import CostModel
 from .data import DataBundle, build_data
 from .errors import ConfigError, NonFiniteLossError
+from .fileio import atomic_torch_save
 from .freezer import FreezeEvent, Freezer, param_groups
 from .policy import Decision, FreezePolicy, Plan, Signal, Signals
 from .registry import MODELS, POLICIES
@@ -443,12 +444,7 @@ class Trainer:
 
     def save_checkpoint(self, path: str | Path) -> Path:
         """Write the final weights atomically (temporary file + rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save(self.checkpoint_payload(), tmp)
-        os.replace(tmp, path)
-        return path
+        return atomic_torch_save(self.checkpoint_payload(), path)
 
     def _log_end(self, result: RunResult) -> None:
         ev = result.events

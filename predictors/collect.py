@@ -44,6 +44,8 @@ from typing import Any
 
 import torch
 
+from freezebench.fileio import atomic_torch_save
+
 from freezebench.baselines.cka_oracle import build_reference, cka_ready
 from freezebench.policy import FreezePolicy, Plan, PolicyConfig, Signal, Signals
 from freezebench.similarity import cka_from_grams, gram_linear
@@ -265,15 +267,7 @@ def collect(
 
 
 def _save(data: dict[str, Any], path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(data, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_torch_save(data, path)
 
 
 def load_dataset(path: str | os.PathLike) -> dict[str, Any]:

@@ -19,12 +19,13 @@ other than the caller expects (a predictor only makes sense on the windows it wa
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from freezebench.fileio import atomic_torch_save
 
 from freezebench.errors import ConfigError
 
@@ -86,19 +87,7 @@ def save_predictor(path: str | os.PathLike, model: SmartFRZPredictor, *, metadat
     meta["provenance"] = dict(meta.get("provenance") or {})
     _check_plain(meta, "meta")
     payload = {"state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, "meta": meta}
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_torch_save(payload, path)
 
 
 def read_weights_file(path: str | os.PathLike) -> dict[str, Any]:
