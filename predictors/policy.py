@@ -154,7 +154,9 @@ class SmartFRZ(FreezePolicy):
         with torch.no_grad():
             probs = self.predictor.probabilities(self.history.windows(ready_rows))
         p_freeze = probs[:, 1].tolist()  # the one device->host transfer of a stage
-        wins = (probs[:, 1] > probs[:, 0]).tolist()
+        # the predictor file may carry a decision threshold chosen on validation runs (default: argmax)
+        threshold = float(self.predictor_meta.get("threshold", 0.5))
+        wins = (probs[:, 1] > threshold).tolist()
         predicted = {self._units[r]: bool(w) for r, w in zip(ready_rows, wins)}
         conf = {self._units[r]: p for r, p in zip(ready_rows, p_freeze)}
         n_pred = sum(predicted.values())

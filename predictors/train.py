@@ -53,9 +53,27 @@ def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     return float((r[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def binary_metrics(p_freeze: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Accuracy, precision/recall/F1 of class 1 (prediction: p_freeze > 0.5) and ROC AUC."""
-    pred = p_freeze > 0.5
+def balanced_threshold(p_freeze: torch.Tensor, labels: torch.Tensor) -> float:
+    """The decision threshold on ``p_freeze`` that maximises balanced accuracy on these labels (0.5 when the
+    labels hold one class). Class-weighted training shifts probabilities, so argmax is not calibrated."""
+    y = labels.bool()
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return 0.5
+    cands = torch.unique(p_freeze.float())
+    best_t, best_score = 0.5, -1.0
+    for t in cands.tolist():
+        pred = p_freeze >= t
+        score = 0.5 * (int((pred & y).sum()) / n_pos + int((~pred & ~y).sum()) / n_neg)
+        if score > best_score:
+            best_t, best_score = t, score
+    # predict "freeze" when p > threshold: step just below the chosen score
+    return float(max(0.0, best_t - 1e-7))
+
+
+def binary_metrics(p_freeze: torch.Tensor, labels: torch.Tensor, threshold: float = 0.5) -> dict[str, float]:
+    """Accuracy, precision/recall/F1 of class 1 (prediction: p_freeze > threshold) and ROC AUC."""
+    pred = p_freeze > threshold
     y = labels.bool()
     tp, fp = int((pred & y).sum()), int((pred & ~y).sum())
     fn = int((~pred & y).sum())
@@ -129,15 +147,20 @@ def train_predictor(
             loss.backward()
             opt.step()
         val_loss, p = _evaluate(model, x_va, y_va, loss_fn, batch_size, dev)
-        if best is None or val_loss < best[0] or (math.isnan(best[0]) and not math.isnan(val_loss)):
-            best = (val_loss, epoch, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, p)
+        # select by validation ROC AUC (ranking quality), ties and single-class validation by loss
+        auc = roc_auc(p, y_va)
+        key = (-auc if not math.isnan(auc) else 0.0, val_loss)
+        if best is None or key < best[0]:
+            best = (key, epoch, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, p, val_loss)
     if best is None:
         raise ValueError("epochs must be >= 1")
-    val_loss, best_epoch, state, p = best
+    _key, best_epoch, state, p, val_loss = best
     model.load_state_dict(state)
     model = model.cpu().eval()
 
-    metrics: dict[str, Any] = binary_metrics(p, y_va)
+    threshold = balanced_threshold(p, y_va)
+    metrics: dict[str, Any] = binary_metrics(p, y_va, threshold)
+    metrics["threshold"] = threshold
     metrics.update({"loss": val_loss, "best_epoch": best_epoch, "epochs": epochs, "n_train": len(y_tr),
                     "n_val": len(y_va), "train_freeze_frac": float(y_tr.float().mean()),
                     "val_freeze_frac": float(y_va.float().mean())})
@@ -151,9 +174,11 @@ def train_predictor(
         "metrics": dict(metrics),
         "training": {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed, "optimizer": "adam",
                      "loss": "class-weighted cross-entropy", "class_weights": [float(w) for w in weight],
-                     "selection": "lowest validation loss"},
+                     "selection": "highest validation ROC AUC (then lowest loss); decision threshold "
+                                  "maximising balanced accuracy on the validation runs"},
     }
-    save_predictor(out, model, metadata={"window": int(data["window"]), "provenance": provenance})
+    save_predictor(out, model, metadata={"window": int(data["window"]), "threshold": threshold,
+                                         "provenance": provenance})
     return (metrics, model) if return_model else metrics
 
 
@@ -164,7 +189,7 @@ def evaluate_predictor(weights: str | os.PathLike, datasets: Sequence[str | os.P
     from .weights import load_predictor
 
     data = merge_datasets(list(datasets))
-    model, _meta = load_predictor(weights, tailor_size=int(data["tailor_size"]), window=int(data["window"]),
+    model, meta = load_predictor(weights, tailor_size=int(data["tailor_size"]), window=int(data["window"]),
                                   device=device)
     x, y = data["windows"], data["labels"]
     probs = []
@@ -173,6 +198,6 @@ def evaluate_predictor(weights: str | os.PathLike, datasets: Sequence[str | os.P
             logits = model(x[i : i + batch_size].to(device=device, dtype=torch.float32))
             probs.append(torch.softmax(logits, dim=-1)[:, 1].cpu())
     p = torch.cat(probs) if probs else torch.zeros(0)
-    out = binary_metrics(p, y)
+    out = binary_metrics(p, y, float(meta.get("threshold", 0.5)))
     out.update({"n": float(len(y)), "freeze_frac": float(y.float().mean()) if len(y) else float("nan")})
     return out

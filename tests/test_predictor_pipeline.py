@@ -132,3 +132,19 @@ def test_train_predictor_splits_by_run_and_saves(datasets, tmp_path):
         train_predictor(datasets, out=tmp_path / "p3.pt", val_runs=["nope"], epochs=1)
     with pytest.raises(ValueError, match="nothing left"):
         train_predictor(datasets, out=tmp_path / "p3.pt", val_runs=["tiny-synthetic-s0", "tiny-synthetic-s1"])
+
+
+def test_balanced_threshold_is_chosen_on_validation():
+    import pytest as _pytest
+    import torch as _torch
+
+    from freezebench.predictors.train import balanced_threshold, binary_metrics
+
+    p = _torch.tensor([0.90, 0.95, 0.97, 0.99])  # argmax would call every sample "freeze"
+    y = _torch.tensor([0, 0, 1, 1])
+    t = balanced_threshold(p, y)
+    assert t == _pytest.approx(0.97, abs=1e-6) and t < 0.97
+    m = binary_metrics(p, y, t)
+    assert m["accuracy"] == 1.0 and m["f1"] == 1.0
+    assert binary_metrics(p, y)["precision"] == 0.5  # the uncalibrated 0.5 threshold
+    assert balanced_threshold(p, _torch.ones(4, dtype=_torch.long)) == 0.5
