@@ -58,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     col.add_argument("--cutoff", type=float, default=0.3, help="CKA-oracle rule: CKA cutoff")
     col.add_argument("--seed", type=int, default=0, help="tailoring seed")
     col.add_argument("--run-id", default=None, help="id of this run in the dataset")
+    col.add_argument("--no-track", action="store_true", help="do not log the dataset to MLflow")
     col.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     trn = prs.add_parser("train", help="train the predictor on collected datasets (split by run)")
     trn.add_argument("datasets", nargs="+", help="dataset files from `predictor collect`")
@@ -68,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     trn.add_argument("--batch-size", type=int, default=256)
     trn.add_argument("--norm", default="standardize", choices=["standardize", "delta", "none"])
     trn.add_argument("--seed", type=int, default=0)
+    trn.add_argument("--no-track", action="store_true", help="do not log the predictor to MLflow")
     trn.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     ev = prs.add_parser("evaluate", help="agreement of a predictor with the oracle labels of held-out datasets")
     ev.add_argument("weights", help="predictor weights file")
@@ -138,6 +140,18 @@ def _predictor(args: argparse.Namespace) -> int:
                        checks_per_epoch=args.checks_per_epoch, oracle_window=args.oracle_window,
                        var_threshold=args.var_threshold, cutoff=args.cutoff, seed=args.seed, run_id=args.run_id)
         print(f"dataset written: {path}")
+        if not args.no_track:
+            from .predictors.collect import load_dataset
+
+            data = load_dataset(path)
+            run = data["runs"][0]
+            _log_predictor_step(
+                f"collect-{run['id']}", {"kind": "predictor-collect", "model": run["model"], "dataset": run["dataset"]},
+                {"model": run["model"], "dataset": run["dataset"], "seed": run["seed"], "window": args.window,
+                 "tailor_size": args.tailor_size, "checks_per_epoch": args.checks_per_epoch,
+                 "oracle_window": args.oracle_window, "var_threshold": args.var_threshold, "cutoff": args.cutoff},
+                {"samples": float(len(data["labels"])), "freeze_frac": float(data["labels"].float().mean())},
+                path, "dataset")
         return 0
     if args.predictor_command == "evaluate":
         from .predictors.train import evaluate_predictor
@@ -153,7 +167,30 @@ def _predictor(args: argparse.Namespace) -> int:
     shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     print("validation: " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()))
     print(f"predictor written: {args.out}")
+    if not args.no_track:
+        _log_predictor_step("predictor-train", {"kind": "predictor-train"},
+                            {"datasets": ",".join(args.datasets), "val_runs": args.val_runs or "(last run)",
+                             "epochs": args.epochs, "lr": args.lr, "norm": args.norm, "seed": args.seed},
+                            {f"val/{k}": float(v) for k, v in shown.items()}, args.out, "predictor")
     return 0
+
+
+def _log_predictor_step(name: str, tags: dict, params: dict, metrics: dict, path: str, folder: str) -> None:
+    """One MLflow run (experiment ``freezebench-predictor``) holding a pipeline step's file and figures."""
+    import math
+
+    import mlflow
+
+    from .tracking import resolve_uri
+
+    mlflow.set_tracking_uri(resolve_uri(None))
+    mlflow.set_experiment("freezebench-predictor")
+    with mlflow.start_run(run_name=name) as run:
+        mlflow.set_tags(tags)
+        mlflow.log_params(params)
+        mlflow.log_metrics({k: v for k, v in metrics.items() if not math.isnan(v)})
+        mlflow.log_artifact(str(path), folder)
+    print(f"logged to MLflow run {run.info.run_id} (experiment freezebench-predictor)")
 
 
 COMMANDS = {"train": cmd_train, "config": cmd_config, "list": cmd_list, "predictor": cmd_predictor}

@@ -68,8 +68,7 @@ def test_module_entry_point_exit_status(tmp_path):
     assert "unknown policy 'nope'" in p.stderr and "Traceback" not in p.stderr
 
 
-def test_predictor_collect_and_train_commands(tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_predictor_collect_and_train_commands(tmp_path, capsys, monkeypatch, mlflow_uri):
     tiny = ["model.name=tiny", "data.name=synthetic", "data.synthetic_samples=160", "data.batch_size=16",
             "trainer.epochs=3", "trainer.max_steps_per_epoch=4", "trainer.device=cpu"]
     opts = ["--window", "2", "--tailor-size", "64", "--record-every", "1", "--checks-per-epoch", "2",
@@ -84,6 +83,13 @@ def test_predictor_collect_and_train_commands(tmp_path, capsys, monkeypatch):
 
     _, meta = load_predictor(tmp_path / "p.pt", window=2, tailor_size=64)
     assert meta["provenance"]["val_runs"] == ["r1"]
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient()
+    exp = client.get_experiment_by_name("freezebench-predictor")
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.kind = 'predictor-collect'")
+    assert {r.data.tags["mlflow.runName"] for r in runs} >= {"collect-r0", "collect-r1"}
+    assert [a.path for a in client.list_artifacts(runs[0].info.run_id, "dataset")]
     assert main(["predictor", "evaluate", "p.pt", "d1.pt"]) == 0
     assert "agreement with the oracle: accuracy" in capsys.readouterr().out
     # a missing dataset file is one clear line
