@@ -28,13 +28,15 @@ Details that are ours:
 * **Sequential option.** ``sequential = true`` freezes only the longest run of active layers, from the
   front, that are all ready and predicted "freeze" (for comparison with sequential methods); the paper's
   SmartFRZ is non-sequential (the default).
-* **Normalisation.** The predictor normalises each window itself (the mode is stored in its weights file;
-  ``standardize`` by default); the paper does not say how windows are scaled. The final choice is pending
-  validation on held-out runs.
-* **Predictor.** The paper trains one predictor on ImageNet/ResNet-50 and reuses it everywhere. Ours is
-  trained on our own runs (a later issue ships ``predictors/weights/smartfrz_default.pt``); until then a
-  predictor file must be passed with ``policy.weights``. The file's tailor size and window must equal the
-  config's (checked at setup).
+* **Normalisation.** The predictor normalises each window itself (the mode is stored in its weights file);
+  the paper does not say how windows are scaled. Chosen by validation on held-out runs: ``delta``
+  (differences to the latest snapshot, scaled by the window's std) reached ROC AUC 0.81 on a held-out
+  vgg11_bn run and 0.92 on resnet32, against 0.52 / 0.53 for per-window standardisation.
+* **Predictor.** The paper trains one predictor on ImageNet/ResNet-50 and reuses it everywhere. Ours ships
+  as ``predictors/weights/smartfrz_default.pt``, trained by ``freezebench predictor collect/train`` on digits
+  runs of resnet20, vgg11_bn and mobilenet_v2 (commands in the README); its decision threshold was chosen on
+  the validation run (stored in the file). ``policy.weights`` selects another file; its tailor size and
+  window must equal the config's (checked at setup).
 * **Cost.** Snapshots are gathered on the training device with one batched index per record (no host
   synchronisation); a stage makes one predictor call and one device-to-host transfer of the decisions.
   The trainer times all policy work.
