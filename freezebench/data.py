@@ -85,6 +85,15 @@ class TensorLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @property
+    def num_samples(self) -> int:
+        return len(self.x)
+
+    def unaugmented(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Samples ``idx`` as the model sees them, without random augmentation."""
+        i = idx.to(self.device)
+        return self._prepare(self.x[i], None), self.y[i]
+
     def _prepare(self, xb: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
         xb = xb.float() / 255.0 if xb.dtype == torch.uint8 else xb.float()
         if self.augment and gen is not None:
@@ -148,6 +157,15 @@ class FolderLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @property
+    def num_samples(self) -> int:
+        return len(self.ds)
+
+    def unaugmented(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Samples ``idx`` through the unaugmented view of the dataset."""
+        xs, ys = zip(*(self.probe_ds[int(j)] for j in idx))
+        return torch.stack(xs).to(self.device), torch.as_tensor(ys).to(self.device)
+
     def __iter__(self) -> Iterator[Batch]:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         dl = torch.utils.data.DataLoader(
@@ -169,16 +187,9 @@ class DataBundle:
 
     def probe_batch(self, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A fixed, seeded subset of the training set without augmentation (for activation signals)."""
-        base = self.train
-        n = len(base.x) if isinstance(base, TensorLoader) else len(base.ds)
-        size = min(size, n)
+        n = self.train.num_samples
         gen = torch.Generator().manual_seed(10_007 + seed)
-        idx = torch.randperm(n, generator=gen)[:size]
-        if isinstance(base, TensorLoader):
-            i = idx.to(base.device)
-            return base._prepare(base.x[i], None), base.y[i]
-        xs, ys = zip(*(base.probe_ds[int(j)] for j in idx))
-        return torch.stack(xs).to(base.device), torch.as_tensor(ys).to(base.device)
+        return self.train.unaugmented(torch.randperm(n, generator=gen)[: min(size, n)])
 
 
 def _split(n: int, labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -297,11 +297,11 @@ class Trainer:
         return result
 
     def _log_start(self) -> None:
-        self.tracker.log_params(flatten(self.cfg))
+        self.tracker.log_params({**flatten(self.cfg), "units.count": len(self.units),
+                                 "units.params": self.partition.total_params,
+                                 "units.gflops_per_sample_full": self.cost.full_step_flops / 1e9})
         self.tracker.log_text(to_yaml(self.cfg), "config.yaml")
         self.tracker.log_text(self.partition.table(), "units.txt")
-        self.tracker.log_params({"units.count": len(self.units), "units.params": self.partition.total_params,
-                                 "units.gflops_per_sample_full": self.cost.full_step_flops / 1e9})
 
     def _fit(self) -> RunResult:
         tc = self.cfg.trainer
@@ -330,7 +330,7 @@ class Trainer:
             self.data.train.set_epoch(epoch)
             policy_before = self.policy_time
             samples = 0
-            flops_epoch = flops_full_epoch = 0.0
+            flops_epoch = 0.0
             loss_sum = torch.zeros((), device=self.device)
             correct = torch.zeros((), device=self.device, dtype=torch.long)
             bar = tqdm(total=plan.steps_per_epoch, desc=f"epoch {epoch + 1}/{plan.epochs}", leave=False,
@@ -361,8 +361,7 @@ class Trainer:
                 samples += n
                 loss_sum += losses.detach().sum()
                 correct += (out.detach().argmax(1) == y).sum()
-                flops_epoch += self.step_cost * n
-                flops_full_epoch += full_cost * n
+                flops_epoch += self.step_cost * n  # step_cost changes only when the frozen set does
                 if self.step % check_every == 0:
                     self._check_finite(loss)
                     bar.set_postfix(loss=f"{loss.item():.3f}", frozen=len(self.freezer.frozen), refresh=False)
@@ -380,7 +379,7 @@ class Trainer:
                 val_loss, val_acc = self.evaluate()
             eval_s = time.perf_counter() - t1
             tflops += flops_epoch / 1e12
-            tflops_full += flops_full_epoch / 1e12
+            tflops_full += full_cost * samples / 1e12
             m = {
                 "train/loss": train_loss,
                 "train/acc": correct.item() / max(samples, 1),

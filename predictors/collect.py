@@ -262,12 +262,8 @@ def collect(
     if keep_snapshots:
         data["snapshots"] = snaps
         data["snapshot_steps"] = torch.tensor(rec.snapshot_steps, dtype=torch.long)
-    _save(data, out)
+    atomic_torch_save(data, out)
     return out
-
-
-def _save(data: dict[str, Any], path: Path) -> None:
-    atomic_torch_save(data, path)
 
 
 def load_dataset(path: str | os.PathLike) -> dict[str, Any]:
