@@ -78,7 +78,20 @@ def _parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("list", help="list registered policies, models and datasets")
     ls.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    _plugin_commands(sub)
     return p
+
+
+def _plugin_commands(sub: argparse._SubParsersAction) -> None:
+    """Commands from other packages (entry-point group ``freezebench.commands``).
+
+    Each entry point names a function ``register(subparsers)`` that adds its sub-parser and sets
+    ``handler=<function(args) -> int>`` as a default on it. The core knows none of them by name.
+    """
+    from importlib.metadata import entry_points
+
+    for ep in sorted(entry_points(group="freezebench.commands"), key=lambda e: e.name):
+        ep.load()(sub)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -202,7 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return COMMANDS[args.command](args)
+        handler = getattr(args, "handler", None) or COMMANDS[args.command]
+        return handler(args)
     except FreezebenchError as e:
         if debug:
             raise

@@ -97,6 +97,8 @@ class TrackingConfig:
     log_checkpoint: bool = True  # log the final weights as an artifact (the CKA oracle reads them)
     system_metrics: bool = True  # MLflow system metrics (CPU, memory, GPU) sampled in the background
     tags: dict[str, str] = field(default_factory=dict)  # extra tags for the run
+    parent_run_id: str | None = None  # nest the run under this MLflow run (sweeps: one child per trial)
+    run_id: str | None = None  # continue this existing MLflow run instead of starting one (resume)
 
 
 @dataclass

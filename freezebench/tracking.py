@@ -56,20 +56,23 @@ class NullTracker:
 class MlflowTracker(NullTracker):
     """Logs one fit to MLflow."""
 
-    def __init__(self, uri: str | None, experiment: str, system_metrics: bool = True):
+    def __init__(self, uri: str | None, experiment: str, system_metrics: bool = True,
+                 parent_run_id: str | None = None, run_id: str | None = None):
         import mlflow
 
         self.mlflow = mlflow
         self.uri = resolve_uri(uri)
         self.experiment = experiment
         self.system_metrics = system_metrics
+        self.parent_run_id = parent_run_id
+        self.resume_run_id = run_id
         self.run_id = None
         self._client = None
 
     def start(self, run_name: str, tags: dict[str, str]) -> None:
         mlflow = self.mlflow
         mlflow.set_tracking_uri(self.uri)
-        attach = os.environ.get("MLFLOW_RUN_ID")
+        attach = self.resume_run_id or os.environ.get("MLFLOW_RUN_ID")
         try:
             if attach:  # launched by `mlflow run`: the run exists already
                 exp_id = mlflow.tracking.MlflowClient(self.uri).get_run(attach).info.experiment_id
@@ -77,7 +80,9 @@ class MlflowTracker(NullTracker):
                 run = mlflow.start_run(run_id=attach, log_system_metrics=self.system_metrics)
             else:
                 mlflow.set_experiment(self.experiment)
-                run = mlflow.start_run(run_name=run_name, log_system_metrics=self.system_metrics)
+                # an explicit parent id: implicit nesting (the active run) breaks with threads and workers
+                run = mlflow.start_run(run_name=run_name, log_system_metrics=self.system_metrics,
+                                       parent_run_id=self.parent_run_id)
         except Exception as e:
             raise TrackingError(
                 f"cannot start an MLflow run at {self.uri}: {str(e).splitlines()[0]}. Check the tracking URI "
@@ -137,7 +142,7 @@ class MlflowTracker(NullTracker):
 def make_tracker(cfg: Any) -> NullTracker:
     if not cfg.enabled:
         return NullTracker()
-    return MlflowTracker(cfg.uri, cfg.experiment, cfg.system_metrics)
+    return MlflowTracker(cfg.uri, cfg.experiment, cfg.system_metrics, cfg.parent_run_id, cfg.run_id)
 
 
 def csv_text(columns: dict[str, list[Any]]) -> str:
