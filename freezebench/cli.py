@@ -4,6 +4,7 @@
     freezebench train --config configs/digits_resnet20.yaml policy=full
     freezebench list                      # registered policies, models, datasets
     freezebench config policy=static      # print the resolved config, train nothing
+    freezebench train ... resume=auto     # continue the newest unfinished checkpoint of this config
 
 Errors a user can fix print one line (no traceback unless ``--debug``) and exit with status 2; a run that
 fails after it started is marked FAILED in MLflow.
@@ -98,9 +99,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .trainer import Trainer
 
+    from .errors import TrainingInterrupted
+
     cfg = load_config(_split_overrides(args.overrides), preset=args.config)
     trainer = Trainer(cfg)
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except TrainingInterrupted as e:  # SIGTERM/SIGINT: a checkpoint was written; exit as the signal would
+        print(f"freezebench: {e}", file=sys.stderr)
+        return 128 + e.signum
     m = result.metrics
     saving = 100 * m.get("cost/saving_frac", 0.0)
     print(

@@ -86,6 +86,7 @@ class TrainerConfig:
     check_finite_every: int = 25  # check the loss for NaN/inf every N steps (each check syncs the device)
     output_dir: str = "outputs"  # local folder for checkpoints and run files
     save_checkpoint: bool = True  # write the final weights to <output_dir>/<run id or name>/final.pt
+    checkpoint_every: int = 1  # write the full training state to <output_dir>/<run>/last.pt every N epochs (resume); 0: never
 
 
 @dataclass
@@ -110,6 +111,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     policy: Any = field(default_factory=PolicyConfig)  # the chosen policy's own Config dataclass
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    resume: str | None = None  # continue training from a last.pt checkpoint path, or auto: the newest unfinished one of this config under trainer.output_dir (none: start afresh)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -243,6 +245,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("trainer.max_steps_per_epoch must be positive or null")
     if cfg.trainer.eval_every < 0:
         raise ConfigError("trainer.eval_every must be >= 0")
+    if cfg.trainer.checkpoint_every < 0:
+        raise ConfigError("trainer.checkpoint_every must be >= 0 (0: no checkpoints during training)")
+    if cfg.resume is not None and not str(cfg.resume).strip():
+        raise ConfigError("resume must be a checkpoint path or auto")
     dev = cfg.trainer.device
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise ConfigError(f"trainer.device={dev!r}: use auto, cpu, cuda or cuda:N")
@@ -294,7 +300,11 @@ def reference_markdown() -> str:
     """The config reference as Markdown tables (the README's "Configuration reference")."""
     groups = [("model", ModelConfig), ("data", DataConfig), ("optim", OptimConfig),
               ("schedule", ScheduleConfig), ("trainer", TrainerConfig), ("tracking", TrackingConfig)]
-    out = []
+    out = ["**top level**\n\n| key | default | meaning |\n|---|---|---|"]
+    for key, default, comment in reference_rows(Config):
+        if key not in {g for g, _ in groups} | {"policy"}:
+            out.append(f"| `{key}` | `{default}` | {comment.replace('|', chr(92) + '|')} |")
+    out.append("")
     for name, cls in groups:
         out.append(f"**`{name}.*`**\n\n| key | default | meaning |\n|---|---|---|")
         for key, default, comment in reference_rows(cls):

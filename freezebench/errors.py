@@ -37,6 +37,19 @@ class TrackingError(FreezebenchError):
     """The MLflow tracking store cannot be used."""
 
 
+class CheckpointError(FreezebenchError):
+    """A checkpoint cannot be read, does not fit this run, or cannot be written."""
+
+
+class TrainingInterrupted(FreezebenchError):
+    """SIGTERM/SIGINT stopped training at a step boundary after a checkpoint was written."""
+
+    def __init__(self, message: str, signum: int, checkpoint: str | None):
+        super().__init__(message)
+        self.signum = signum
+        self.checkpoint = checkpoint
+
+
 def nearest(name: str, choices: Iterable[str], n: int = 3) -> list[str]:
     """The known names closest to ``name`` (for "did you mean" hints)."""
     return difflib.get_close_matches(name, list(choices), n=n, cutoff=0.5)

@@ -142,6 +142,10 @@ class Freezer:
             k += 1
         return k
 
+    def reattach_optimizer(self) -> None:
+        """Find the per-unit param groups again (``optimizer.load_state_dict`` replaces the group dicts)."""
+        self._group_of = {g["unit"]: g for g in self.optimizer.param_groups if "unit" in g}
+
     def state_dict(self) -> dict[str, Any]:
         return {"frozen": sorted(self.frozen), "events": [e.as_dict() for e in self.events]}
 

@@ -18,7 +18,9 @@ import math
 import os
 import random
 import resource
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -31,10 +33,11 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from . import __version__
+from . import checkpoint as ckpt
 from .config import flatten, to_yaml
 from .cost import CostModel
 from .data import DataBundle, build_data
-from .errors import ConfigError, NonFiniteLossError
+from .errors import ConfigError, NonFiniteLossError, TrainingInterrupted
 from .fileio import atomic_torch_save
 from .freezer import FreezeEvent, Freezer, param_groups
 from .policy import Decision, FreezePolicy, Plan, Signal, Signals
@@ -159,6 +162,11 @@ class Trainer:
         self._probe: tuple[torch.Tensor, torch.Tensor] | None = None
         self.step = 0
         self.policy_time = 0.0
+        self.rank, self.world_size = 0, 1
+        self._stop_signal: int | None = None  # set by SIGTERM/SIGINT: checkpoint at the next step boundary, stop
+        self._pending_rng: dict[str, Any] | None = None  # random states to restore when the resumed loop starts
+        self._final_accounting: dict[str, Any] | None = None
+        self._resumed = self._load_resume()  # may set tracking.run_id: a resumed run continues its MLflow run
         self.tracker: NullTracker = make_tracker(cfg.tracking)
 
     # --- names ---------------------------------------------------------------------------------------
@@ -279,6 +287,7 @@ class Trainer:
     def fit(self) -> RunResult:
         """Train, tracking the run in MLflow (marked FAILED if anything raises)."""
         self.tracker.start(self.run_name, self.tags())
+        restore_handlers = self._install_signal_handlers()
         # denormal floats make CPU kernels up to 100x slower once gradients get tiny late in training;
         # flushing them is process-wide state, so it is switched back off when the fit ends
         torch.set_flush_denormal(True)
@@ -286,13 +295,15 @@ class Trainer:
             self._log_start()
             result = self._fit()
             self._log_end(result)
+            self._save_final_state()
         except BaseException as e:
             if self.tracker.run_id:
                 self.tracker.set_tags({"error": f"{type(e).__name__}: {str(e)[:400]}"})
-            self.tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            self.tracker.finish("KILLED" if isinstance(e, (KeyboardInterrupt, TrainingInterrupted)) else "FAILED")
             raise
         finally:
             torch.set_flush_denormal(False)
+            restore_handlers()
         self.tracker.finish("FINISHED")
         return result
 
@@ -315,7 +326,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         # a decision before the first step (static freezing at step 0, schedules that start frozen)
-        if self.policy.decide_at(0):
+        if self._resumed is None and self.policy.decide_at(0):
             t0 = time.perf_counter()
             self.apply(self.policy.decide(0), 0)
             self.policy_time += time.perf_counter() - t0
@@ -325,7 +336,14 @@ class Trainer:
         # config values read in the step loop, copied once (an OmegaConf attribute read costs ~10 us)
         channels_last = tc.channels_last and self.device.type == "cuda"
         check_every = tc.check_finite_every
-        for epoch in range(plan.epochs):
+        start_epoch = 0
+        if self._resumed is not None:  # continue where the checkpoint left off
+            acc = self._resumed["accounting"]
+            tflops, tflops_full, history = acc["tflops"], acc["tflops_full"], [dict(h) for h in acc["history"]]
+            val_loss, val_acc = acc["val_loss"], acc["val_acc"]
+            t_start -= acc["elapsed_s"]
+            start_epoch = self._resumed["position"]["epoch"]
+        for epoch in range(start_epoch, plan.epochs):
             self.freezer.train_mode()
             self.data.train.set_epoch(epoch)
             policy_before = self.policy_time
@@ -333,12 +351,20 @@ class Trainer:
             flops_epoch = 0.0
             loss_sum = torch.zeros((), device=self.device)
             correct = torch.zeros((), device=self.device, dtype=torch.long)
+            skip, loop_before = 0, 0.0
+            part = self._resumed["epoch_acc"] if self._resumed is not None and epoch == start_epoch else None
+            if part:  # an epoch stopped at a step boundary: its partial sums and the batches it consumed
+                skip, samples, flops_epoch = self._resumed["position"]["batch"], part["samples"], part["flops_epoch"]
+                loss_sum += part["loss_sum"].to(self.device)
+                correct += part["correct"].to(self.device)
+                policy_before -= part["policy_s"]
+                loop_before = part["loop_s"]
             bar = tqdm(total=plan.steps_per_epoch, desc=f"epoch {epoch + 1}/{plan.epochs}", leave=False,
                        disable=not bar_enabled, file=sys.stderr, dynamic_ncols=True,
                        mininterval=0.2 if sys.stderr.isatty() else 15.0)  # logs get few lines
             self._sync()
             t0 = time.perf_counter()
-            for b, (x, y, idx) in enumerate(self.data.train):
+            for b, (x, y, idx) in self._epoch_batches(skip):
                 if b >= plan.steps_per_epoch:
                     break
                 if channels_last and x.dim() == 4:
@@ -367,8 +393,14 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss.item():.3f}", frozen=len(self.freezer.frozen), refresh=False)
                 self._policy_tick(self.step, losses, idx)
                 bar.update(1)
+                if self._stop_signal is not None:
+                    part = {"samples": samples, "flops_epoch": flops_epoch, "loss_sum": loss_sum.detach().cpu(),
+                            "correct": correct.cpu(), "policy_s": self.policy_time - policy_before,
+                            "loop_s": loop_before + time.perf_counter() - t0}
+                    self._interrupt(epoch, b + 1, part, self._accounting(tflops, tflops_full, history, val_loss,
+                                                                         val_acc, t_start))
             self._sync()
-            t_loop = time.perf_counter() - t0
+            t_loop = time.perf_counter() - t0 + loop_before
             bar.close()
             train_loss = loss_sum.item() / max(samples, 1)
             self._check_finite(torch.tensor(train_loss))
@@ -409,6 +441,10 @@ class Trainer:
                     f"{m['time/epoch_s']:.1f}s (policy {policy_s:.2f}s)",
                     file=sys.stderr,
                 )
+            accounting = self._accounting(tflops, tflops_full, history, val_loss, val_acc, t_start)
+            if tc.checkpoint_every and (epoch + 1) % tc.checkpoint_every == 0 and not last:
+                self.save_state(epoch=epoch + 1, batch=0, epoch_acc=None, accounting=accounting)
+        self._final_accounting = self._accounting(tflops, tflops_full, history, val_loss, val_acc, t_start)
         total = time.perf_counter() - t_start
         final = dict(history[-1]) if history else {}
         final.update({
@@ -419,6 +455,100 @@ class Trainer:
         })
         return RunResult(run_id=self.tracker.run_id, metrics=final, history=history,
                          events=list(self.freezer.events), unit_names=[u.name for u in self.units])
+
+    # --- checkpoint and resume (freezebench.checkpoint) ------------------------------------------------
+    @property
+    def run_dir(self) -> Path:
+        """``<trainer.output_dir>/<MLflow run id, or the run name when untracked>``: final.pt and last.pt."""
+        return Path(self.cfg.trainer.output_dir) / (self.tracker.run_id or self.run_name)
+
+    def _load_resume(self) -> dict[str, Any] | None:
+        """Restore the state of the checkpoint ``resume`` names (nothing when it names none)."""
+        fingerprint = ckpt.config_fingerprint(flatten(self.cfg))
+        path = ckpt.resolve(self.cfg.resume, self.cfg.trainer.output_dir, fingerprint)
+        if path is None:
+            return None
+        payload = ckpt.read(path)
+        ckpt.check_compatible(payload, path, fingerprint=fingerprint, unit_names=[u.name for u in self.units],
+                              world_size=self.world_size)
+        ckpt.restore(self, payload, path)
+        self.policy_time = float(payload["accounting"]["policy_time"])
+        self._pending_rng = payload["rng"][self.rank]
+        run_id = payload["mlflow"]["run_id"]
+        if run_id and self.cfg.tracking.enabled:
+            self.cfg.tracking.run_id = run_id
+        pos = payload["position"]
+        log.warning("resuming from %s: epoch %d, batch %d, step %d%s", path, pos["epoch"], pos["batch"], pos["step"],
+                    f", MLflow run {run_id}" if run_id else "")
+        return {"path": str(path), "position": pos, "epoch_acc": payload["epoch_acc"],
+                "accounting": payload["accounting"], "run_id": run_id}
+
+    def _accounting(self, tflops: float, tflops_full: float, history: list[dict[str, float]], val_loss: float,
+                    val_acc: float, t_start: float) -> dict[str, Any]:
+        return {"tflops": tflops, "tflops_full": tflops_full, "history": [dict(h) for h in history],
+                "val_loss": val_loss, "val_acc": val_acc, "elapsed_s": time.perf_counter() - t_start,
+                "policy_time": self.policy_time}
+
+    def _epoch_batches(self, skip: int) -> Any:
+        """``enumerate`` over this epoch's training batches from batch ``skip`` on.
+
+        The ``skip`` batches a stopped run had consumed are drawn again (not trained on), so the randomness of
+        augmentation stays in step; then the random states saved with the checkpoint are restored.
+        """
+        it = iter(self.data.train)
+        for _ in zip(range(skip), it):
+            pass
+        if self._pending_rng is not None:
+            ckpt.set_rng_state(self._pending_rng)
+            self._pending_rng = None
+        yield from enumerate(it, start=skip)
+
+    def save_state(self, *, epoch: int, batch: int, epoch_acc: dict[str, Any] | None, accounting: dict[str, Any],
+                   finished: bool = False) -> Path | None:
+        """Write the full training state to :attr:`run_dir`/last.pt atomically (see :mod:`freezebench.checkpoint`)."""
+        rng = [ckpt.rng_state()]
+        payload = ckpt.build_payload(self, epoch=epoch, batch=batch, epoch_acc=epoch_acc, accounting=accounting,
+                                     rng=rng, world_size=self.world_size, finished=finished)
+        return ckpt.write(payload, self.run_dir / ckpt.LAST)
+
+    def _save_final_state(self) -> None:
+        if self.cfg.trainer.checkpoint_every and self._final_accounting is not None:
+            self.save_state(epoch=self.plan.epochs, batch=0, epoch_acc=None, accounting=self._final_accounting,
+                            finished=True)
+
+    def request_stop(self, signum: int = signal.SIGTERM) -> None:
+        """Stop at the next step boundary after writing a checkpoint (what SIGTERM and SIGINT do)."""
+        self._stop_signal = int(signum)
+
+    def _interrupt(self, epoch: int, batch: int, part: dict[str, Any], accounting: dict[str, Any]) -> None:
+        signum = self._stop_signal or signal.SIGTERM
+        path = self.save_state(epoch=epoch, batch=batch, epoch_acc=part, accounting=accounting)
+        name = signal.Signals(signum).name
+        raise TrainingInterrupted(
+            f"{name}: stopped at step {self.step} (epoch {epoch + 1}, batch {batch}); checkpoint {path}; continue "
+            f"with the same command line plus resume={path} (or resume=auto)", signum, str(path) if path else None)
+
+    def _install_signal_handlers(self) -> Any:
+        """SIGTERM/SIGINT: checkpoint at the next step boundary, then stop; a second signal stops at once."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+        def handler(signum: int, frame: Any) -> None:
+            if self._stop_signal is not None:
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+            print(f"freezebench: {signal.Signals(signum).name} received: writing a checkpoint at the next step "
+                  f"boundary, then stopping (send it again to stop at once)", file=sys.stderr, flush=True)
+
+        for s in previous:
+            signal.signal(s, handler)
+
+        def restore() -> None:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+        return restore
 
     def _check_finite(self, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss).all():

@@ -1,0 +1,252 @@
+"""Checkpoint and resume: the whole training state in one file, written atomically.
+
+    freezebench train policy=smartfrz trainer.epochs=30 resume=auto   # continue the newest unfinished
+                                                                    # checkpoint of this config, else start
+    freezebench train policy=smartfrz trainer.epochs=30 resume=outputs/<run id>/last.pt
+
+Every ``trainer.checkpoint_every`` epochs, and at the next step boundary after SIGTERM or SIGINT, the trainer
+writes ``<trainer.output_dir>/<MLflow run id, or the run name when untracked>/last.pt`` (a temporary file
+renamed over the previous one, so a crash or a full disk never leaves a half-written checkpoint in place of
+the last good one). It holds everything a resumed run needs to continue *exactly* (bit-for-bit on CPU with
+``trainer.deterministic=true``):
+
+* model weights and buffers, optimiser state (momentum buffers by param group), gradient-scaler state;
+* the freezer (frozen units, freeze events) and the policy's own ``state_dict`` (e.g. SmartFRZ's weight
+  histories, AutoFreeze's gradient accumulators), per-unit learning-rate overrides;
+* the position: optimiser steps taken, epoch, batches of that epoch already consumed (the data order of an
+  epoch is a seeded permutation, so skipping the consumed batches puts a resumed run on the same samples);
+  the partial sums of an interrupted epoch (loss, accuracy, samples, FLOPs);
+* Python, NumPy, torch and CUDA random states (of every rank under DDP);
+* the cost accounting (TFLOPs spent, full-training TFLOPs), the per-epoch metric history, elapsed time;
+* the MLflow run id, so a resumed run continues the same MLflow run (metrics of later epochs are logged at
+  the same steps as an uninterrupted run would log them);
+* the resolved config, checked against the resuming run's config (keys that cannot change the training,
+  :data:`IGNORED_KEYS`, may differ).
+
+``resume=auto`` picks, among ``<trainer.output_dir>/*/last.pt``, the newest checkpoint of an unfinished run
+whose config matches this one, and starts a fresh run when there is none (so a job script can always pass
+it). A finished run's checkpoint is marked ``finished`` and never resumed.
+
+Composer's layer freezing cannot resume from a checkpoint (its freezing state is not saved); here every
+policy's state round-trips (``tests/test_contract.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import CheckpointError
+from .fileio import atomic_torch_save
+
+log = logging.getLogger(__name__)
+
+FORMAT = "freezebench-checkpoint"
+VERSION = 1
+LAST = "last.pt"
+
+#: config keys that may differ between a checkpoint and the run resuming it: they do not change the training
+IGNORED_KEYS = frozenset({
+    "resume", "trainer.progress", "trainer.checkpoint_every", "trainer.output_dir", "trainer.save_checkpoint",
+    "trainer.check_finite_every", "trainer.device", "data.num_workers", "data.root", "data.download",
+    "data.eval_batch_size",
+})
+IGNORED_PREFIXES = ("tracking.",)
+
+
+def config_fingerprint(flat: Mapping[str, Any]) -> dict[str, str]:
+    """The flattened config reduced to the keys that determine the training (values as ``repr`` strings)."""
+    return {k: repr(v) for k, v in flat.items() if k not in IGNORED_KEYS and not k.startswith(IGNORED_PREFIXES)}
+
+
+def config_differences(saved: Mapping[str, str], now: Mapping[str, str]) -> list[str]:
+    """``key: checkpoint X, this run Y`` for every key whose value differs (or exists on one side only)."""
+    out = []
+    for k in sorted(set(saved) | set(now)):
+        a, b = saved.get(k, "<absent>"), now.get(k, "<absent>")
+        if a != b:
+            out.append(f"{k}: checkpoint {a}, this run {b}")
+    return out
+
+
+# --- random states -----------------------------------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch (CPU) and CUDA random states, in types ``torch.load(weights_only=True)`` reads."""
+    np_state = np.random.get_state(legacy=False)
+    return {
+        "python": random.getstate(),
+        "numpy": {"key": np_state["state"]["key"].astype(np.int64).tolist(), "pos": int(np_state["state"]["pos"]),
+                  "has_gauss": int(np_state["has_gauss"]), "gauss": float(np_state["gauss"])},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
+    }
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state({"bit_generator": "MT19937",
+                         "state": {"key": np.asarray(n["key"], dtype=np.uint32), "pos": n["pos"]},
+                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
+    torch.set_rng_state(state["torch"].cpu())
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda[: torch.cuda.device_count()]])
+
+
+# --- files -------------------------------------------------------------------------------------------------
+def write(payload: dict[str, Any], path: str | Path) -> Path:
+    """Write ``payload`` atomically; a failed write raises :class:`CheckpointError` and leaves the previous file."""
+    try:
+        return atomic_torch_save(payload, path)
+    except OSError as e:
+        raise CheckpointError(
+            f"could not write checkpoint {path}: {e}; the previous checkpoint there (if any) is intact. Free disk "
+            f"space or point trainer.output_dir elsewhere"
+        ) from e
+
+
+def read(path: str | Path, *, lazy: bool = False) -> dict[str, Any]:
+    """Load and check a freezebench training checkpoint (``lazy``: memory-map tensors, for a quick look)."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint {str(p)!r} does not exist (or is not a file); resume=auto finds the "
+                              f"latest checkpoint of this config under trainer.output_dir")
+    try:
+        payload = torch.load(p, map_location="cpu", weights_only=True, mmap=lazy)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(
+            f"checkpoint {str(p)!r} cannot be read ({type(e).__name__}: {first[:200]}); the file is corrupt or "
+            f"truncated (an interrupted copy?): resume from another checkpoint or start afresh"
+        ) from None
+    if not isinstance(payload, Mapping) or payload.get("format") != FORMAT:
+        what = "final weights only (final.pt)" if isinstance(payload, Mapping) and "model_state" in payload else \
+            "not a freezebench training checkpoint"
+        raise CheckpointError(
+            f"{str(p)!r} is {what}: resume needs the last.pt written during training (trainer.checkpoint_every); "
+            f"to start from these weights instead pass model.checkpoint={p}"
+        )
+    if payload.get("version") != VERSION:
+        raise CheckpointError(f"checkpoint {str(p)!r} has format version {payload.get('version')!r}; this "
+                              f"freezebench reads version {VERSION}")
+    return dict(payload)
+
+
+def check_compatible(payload: Mapping[str, Any], path: str | Path, *, fingerprint: Mapping[str, str],
+                     unit_names: list[str], world_size: int) -> None:
+    """Raise :class:`CheckpointError` naming the difference when ``payload`` cannot resume this run."""
+    diff = config_differences(payload["config"], fingerprint)
+    if diff:
+        shown = "; ".join(diff[:6]) + (f"; ... ({len(diff)} in all)" if len(diff) > 6 else "")
+        raise CheckpointError(f"checkpoint {str(path)!r} was written by a run with another config ({shown}); "
+                              f"resume with the same command line plus resume=...")
+    if list(payload["unit_names"]) != list(unit_names):
+        raise CheckpointError(f"checkpoint {str(path)!r} has units {list(payload['unit_names'])[:4]}..., this model "
+                              f"{list(unit_names)[:4]}...: it was written for another model or granularity")
+    saved_world = int(payload["position"]["world_size"])
+    if saved_world != world_size:
+        raise CheckpointError(f"checkpoint {str(path)!r} was written by {saved_world} process(es), this run has "
+                              f"{world_size}: each process's data shard and random state differ, so resume with "
+                              f"--nproc_per_node {saved_world}")
+    if payload.get("finished"):
+        raise CheckpointError(f"checkpoint {str(path)!r} is the end of a finished run "
+                              f"({payload['position']['epoch']} epochs): there is nothing left to resume")
+
+
+def find_latest(output_dir: str | Path, fingerprint: Mapping[str, str]) -> Path | None:
+    """The newest ``<output_dir>/*/last.pt`` of an unfinished run with this config (``None``: there is none)."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    found = []
+    for p in root.glob(f"*/{LAST}"):
+        try:
+            payload = read(p, lazy=True)
+        except CheckpointError as e:
+            log.warning("resume=auto skips %s: %s", p, e)
+            continue
+        if payload.get("finished") or config_differences(payload["config"], fingerprint):
+            continue
+        found.append((p.stat().st_mtime, int(payload["position"]["step"]), str(p)))
+    return Path(max(found)[2]) if found else None
+
+
+# --- the trainer's state -----------------------------------------------------------------------------------
+def resolve(resume: str | None, output_dir: str | Path, fingerprint: Mapping[str, str]) -> Path | None:
+    """The checkpoint that ``resume`` (a path, ``auto`` or ``None``) names; ``None``: start afresh."""
+    if resume is None:
+        return None
+    if str(resume) == "auto":
+        path = find_latest(output_dir, fingerprint)
+        if path is None:
+            log.info("resume=auto: no unfinished checkpoint of this config under %s; starting afresh", output_dir)
+        return path
+    return Path(str(resume))
+
+
+def build_payload(tr: Any, *, epoch: int, batch: int, epoch_acc: dict[str, Any] | None,
+                  accounting: dict[str, Any], rng: list[dict[str, Any]], world_size: int = 1,
+                  finished: bool = False) -> dict[str, Any]:
+    """Everything :func:`restore` needs, from a :class:`freezebench.trainer.Trainer` between two steps.
+
+    ``epoch``/``batch``: the epoch in progress and the batches of it already trained on (``batch = 0``: the
+    epoch has not started); ``epoch_acc``: that epoch's partial sums; ``rng``: every rank's random states.
+    """
+    from .config import flatten, to_yaml
+
+    payload = tr.checkpoint_payload()  # weights + model description (model.checkpoint=last.pt works too)
+    payload.update({
+        "format": FORMAT,
+        "version": VERSION,
+        "finished": finished,
+        "config": config_fingerprint(flatten(tr.cfg)),
+        "config_yaml": to_yaml(tr.cfg),
+        "policy_name": str(tr.cfg.policy.name),
+        "optimizer": tr.optimizer.state_dict(),
+        "scaler": tr.scaler.state_dict() if tr.scaler is not None else None,
+        "freezer": tr.freezer.state_dict(),
+        "policy": tr.policy.state_dict(),
+        "lr_override": {int(k): float(v) for k, v in tr.lr_override.items()},
+        "lr_factor": float(getattr(tr, "current_lr_factor", 1.0)),
+        "position": {"step": int(tr.step), "epoch": int(epoch), "batch": int(batch), "world_size": int(world_size)},
+        "epoch_acc": epoch_acc,
+        "accounting": accounting,
+        "rng": rng,
+        "mlflow": {"run_id": tr.tracker.run_id, "uri": tr.tracker.uri},
+    })
+    return payload
+
+
+def restore(tr: Any, payload: Mapping[str, Any], path: str | Path) -> None:
+    """Put a freshly built trainer into the state ``payload`` describes (the position is read by the loop)."""
+    try:
+        tr.model.load_state_dict(payload["model_state"])
+        tr.freezer.load_state_dict(payload["freezer"])  # frozen groups emptied first: optimiser shapes match
+        tr.policy.notify_frozen(frozenset(tr.freezer.frozen))
+        tr.policy.load_state_dict(payload["policy"])
+        tr.optimizer.load_state_dict(payload["optimizer"])
+    except CheckpointError:
+        raise
+    except Exception as e:  # shapes, keys, a policy refusing its state: the file does not fit this run
+        from .errors import FreezebenchError
+
+        if isinstance(e, FreezebenchError):
+            raise CheckpointError(f"checkpoint {str(path)!r}: {e}") from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {str(path)!r} does not fit this run ({type(e).__name__}: "
+                              f"{first[:300]})") from e
+    tr.freezer.reattach_optimizer()
+    if tr.scaler is not None and payload.get("scaler"):
+        tr.scaler.load_state_dict(payload["scaler"])
+    tr.lr_override = {int(k): float(v) for k, v in payload["lr_override"].items()}
+    tr.current_lr_factor = float(payload["lr_factor"])
+    tr.step = int(payload["position"]["step"])
