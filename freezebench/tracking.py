@@ -71,6 +71,7 @@ class MlflowTracker(NullTracker):
 
     def start(self, run_name: str, tags: dict[str, str]) -> None:
         mlflow = self.mlflow
+        check_reachable(self.uri)
         mlflow.set_tracking_uri(self.uri)
         attach = self.resume_run_id or os.environ.get("MLFLOW_RUN_ID")
         try:
@@ -137,6 +138,36 @@ class MlflowTracker(NullTracker):
             self.mlflow.end_run(status=status)
         except Exception as e:  # never mask the original error of a failed run
             log.warning("could not close MLflow run %s: %s", self.run_id, e)
+
+
+#: seconds to wait for a tracking server's /health before declaring it unreachable
+PROBE_TIMEOUT_S = 10.0
+
+
+def check_reachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Fail fast when an ``http(s)://`` tracking server does not answer.
+
+    MLflow's HTTP client retries a refused connection for minutes (``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` with
+    back-off), so a typo in the URI or a server that is down would otherwise hang the run before training.
+    One GET of the server's ``/health`` endpoint decides: any HTTP answer (even 401/404) means reachable.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout):
+            pass
+    except urllib.error.HTTPError:
+        return  # the server answered
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise TrackingError(
+            f"MLflow tracking server {uri} is unreachable ({reason}); start it (mlflow server --host ... --port ...), "
+            f"fix tracking.uri / $MLFLOW_TRACKING_URI, or pass tracking.enabled=false to train untracked"
+        ) from None
 
 
 def make_tracker(cfg: Any) -> NullTracker:

@@ -42,7 +42,7 @@ from .fileio import atomic_torch_save
 from .freezer import FreezeEvent, Freezer, param_groups
 from .policy import Decision, FreezePolicy, Plan, Signal, Signals
 from .registry import MODELS, POLICIES
-from .tracking import NullTracker, csv_text, git_commit, make_tracker
+from .tracking import NullTracker, check_reachable, csv_text, git_commit, make_tracker, resolve_uri
 from .units import Partition, capture_outputs, partition
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,8 @@ class Trainer:
                  policy: FreezePolicy | None = None):
         self.cfg = cfg
         tc = cfg.trainer
+        if cfg.tracking.enabled:  # an unreachable tracking server fails here, before data and model are built
+            check_reachable(resolve_uri(cfg.tracking.uri))
         self.device = resolve_device(tc.device)
         if tc.precision == "fp16" and self.device.type != "cuda":
             raise ConfigError("trainer.precision=fp16 needs CUDA; use bf16 or fp32 on CPU")
