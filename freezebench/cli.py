@@ -25,7 +25,10 @@ def _split_overrides(items: Sequence[str]) -> list[str]:
     """Overrides may come as one string (``mlflow run -P overrides="a=1 b=2"``): split on shell rules."""
     out: list[str] = []
     for item in items:
-        out.extend(shlex.split(item) if (" " in item.strip() or not item.strip()) else [item])
+        try:
+            out.extend(shlex.split(item) if (" " in item.strip() or not item.strip()) else [item])
+        except ValueError as e:  # unbalanced quotes
+            raise FreezebenchError(f"cannot split the overrides {item!r} into key=value items: {e}") from None
     return out
 
 

@@ -217,13 +217,25 @@ def load_config(overrides: list[str] | None = None, preset: str | None = None) -
             if "policy" in preset_cfg:
                 preset_cfg.policy.name = policy_name
             base = OmegaConf.merge(base, preset_cfg)
-        if rest:
-            dot = OmegaConf.from_dotlist(rest)
-            base = OmegaConf.merge(base, dot)
+        for o in rest:  # one at a time, so that an error names the override that caused it
+            base = OmegaConf.merge(base, _parse_dotlist_item(o))
+        OmegaConf.to_container(base, resolve=True)  # interpolations (${...}) that do not resolve fail here
     except oc_errors.OmegaConfBaseException as e:
         raise ConfigError(_oc_message(e, base)) from None
     validate(base)
     return base
+
+
+def _parse_dotlist_item(item: str) -> DictConfig:
+    """``key=value`` as OmegaConf reads it (the value as YAML), with a clear error for unparsable values."""
+    import yaml
+
+    try:
+        return OmegaConf.from_dotlist([item])
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem}); quote it, e.g. "
+                          f"key='value'") from None
 
 
 def validate(cfg: DictConfig) -> None:
