@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from freezebench.config import load_config
+from freezebench.errors import TrainingInterrupted
 from freezebench.registry import POLICIES
 from freezebench.trainer import Trainer
 
@@ -135,3 +136,41 @@ def test_policy_contract(name, mlflow_uri, tiny_overrides, reference_checkpoint,
     clone.setup(trainer.units, trainer.plan)
     clone.load_state_dict(state)
     assert repr(clone.state_dict()) == repr(state)
+
+
+TIMING = ("time/", "mem/")  # wall-clock figures differ between runs; everything else must not
+
+
+@pytest.mark.parametrize("name", POLICIES.names())
+def test_policy_resumes_exactly(name, tiny_overrides, tmp_path, reference_checkpoint, always_freeze_predictor):
+    """Stopped mid-epoch (SIGTERM's path: checkpoint at the step boundary) and resumed from last.pt, a run ends
+    with the weights, metrics, freeze events and policy state of an uninterrupted run, bit for bit."""
+    setting = SETTINGS[name]
+    overrides = [o.replace("{reference}", reference_checkpoint).replace("{weights}", always_freeze_predictor)
+                 for o in setting["overrides"]]
+    base = [f"policy={name}", *tiny_overrides, "model.granularity=layer", *overrides, "tracking.enabled=false",
+            f"trainer.output_dir={tmp_path}", "trainer.save_checkpoint=false"]
+    ref = Trainer(load_config([*base, "tracking.run_name=ref", "trainer.checkpoint_every=0"]))
+    expected = ref.fit()
+
+    cut = Trainer(load_config([*base, "tracking.run_name=cut"]))
+    tick = cut._policy_tick
+
+    def stop_mid_epoch_2(step, *args):
+        tick(step, *args)
+        if step == 6:
+            cut.request_stop()
+
+    cut._policy_tick = stop_mid_epoch_2
+    with pytest.raises(TrainingInterrupted):
+        cut.fit()
+    resumed = Trainer(load_config([*base, "tracking.run_name=cut", "resume=auto"]))
+    assert resumed.step == 6 and resumed.freezer.frozen == cut.freezer.frozen
+    assert repr(resumed.policy.state_dict()) == repr(cut.policy.state_dict())
+    result = resumed.fit()
+
+    assert all(torch.equal(v, resumed.model.state_dict()[k]) for k, v in ref.model.state_dict().items())
+    strip = [{k: v for k, v in h.items() if not k.startswith(TIMING)} for h in expected.history]
+    assert [{k: v for k, v in h.items() if not k.startswith(TIMING)} for h in result.history] == strip
+    assert result.events == expected.events
+    assert repr(resumed.policy.state_dict()) == repr(ref.policy.state_dict())
