@@ -109,8 +109,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         result = trainer.fit()
     except TrainingInterrupted as e:  # SIGTERM/SIGINT: a checkpoint was written; exit as the signal would
-        print(f"freezebench: {e}", file=sys.stderr)
+        if trainer.rank == 0:
+            print(f"freezebench: {e}", file=sys.stderr)
         return 128 + e.signum
+    finally:
+        from .distributed import cleanup
+
+        cleanup()
+    if trainer.rank != 0:  # under torchrun rank 0 reports
+        return 0
     m = result.metrics
     saving = 100 * m.get("cost/saving_frac", 0.0)
     print(

@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import __version__
 from . import checkpoint as ckpt
+from . import distributed
 from .config import flatten, to_yaml
 from .cost import CostModel
 from .data import DataBundle, build_data
@@ -121,13 +122,19 @@ class Trainer:
                  policy: FreezePolicy | None = None):
         self.cfg = cfg
         tc = cfg.trainer
-        if cfg.tracking.enabled:  # an unreachable tracking server fails here, before data and model are built
+        self.dist = distributed.from_env()  # under torchrun: data parallel (freezebench.distributed)
+        self.rank, self.world_size = (self.dist.rank, self.dist.world_size) if self.dist else (0, 1)
+        if cfg.tracking.enabled and self.rank == 0:  # an unreachable server fails before data and model are built
             check_reachable(resolve_uri(cfg.tracking.uri))
         self.device = resolve_device(tc.device)
+        if self.dist is not None:
+            self.device = distributed.setup(self.dist, self.device)
         if tc.precision == "fp16" and self.device.type != "cuda":
             raise ConfigError("trainer.precision=fp16 needs CUDA; use bf16 or fp32 on CPU")
         seed_everything(tc.seed, tc.deterministic)
         self.data = data if data is not None else build_data(cfg.data, seed=tc.seed, device=self.device)
+        if self.dist is not None:  # this rank's shard of every epoch
+            self.data = distributed.shard_data(self.data, self.dist)
         info = self.data.info
         if model is None:
             from .models import build_model
@@ -164,12 +171,12 @@ class Trainer:
         self._probe: tuple[torch.Tensor, torch.Tensor] | None = None
         self.step = 0
         self.policy_time = 0.0
-        self.rank, self.world_size = 0, 1
+        self.train_model: torch.nn.Module = self.model  # what the training step calls (DDP wraps the model)
         self._stop_signal: int | None = None  # set by SIGTERM/SIGINT: checkpoint at the next step boundary, stop
         self._pending_rng: dict[str, Any] | None = None  # random states to restore when the resumed loop starts
         self._final_accounting: dict[str, Any] | None = None
         self._resumed = self._load_resume()  # may set tracking.run_id: a resumed run continues its MLflow run
-        self.tracker: NullTracker = make_tracker(cfg.tracking)
+        self.tracker: NullTracker = make_tracker(cfg.tracking) if self.rank == 0 else NullTracker()
 
     # --- names ---------------------------------------------------------------------------------------
     @property
@@ -223,6 +230,8 @@ class Trainer:
             s.activations = self.unit_activations(self.policy.probe_units())
         if Signal.SAMPLE_LOSSES in self.needs:
             s.sample_losses, s.sample_indices = losses.detach(), idx
+            if self.dist is not None:  # the global batch: every rank's policy sees the same signal
+                s.sample_losses, s.sample_indices = (distributed.all_gather_cat(t) for t in (losses.detach(), idx))
         return s
 
     def apply(self, decision: Decision | None, step: int) -> list[FreezeEvent]:
@@ -240,6 +249,7 @@ class Trainer:
                 self.lr_override[unit] = float(scale)
         if events:
             self.policy.notify_frozen(frozenset(self.freezer.frozen))
+            self._wrap_ddp()  # DDP's reducer must only know the parameters still trained
             self.step_cost = self.cost.step_flops(self.freezer.frozen)
             for ev in events:
                 log.info("%s unit %d (%s) at step %d (epoch %.2f) %s", ev.action, ev.unit, ev.name, ev.step,
@@ -263,7 +273,7 @@ class Trainer:
         if obs:
             self.policy.observe(step, self._signals(step, losses, idx))
         if dec:
-            self.apply(self.policy.decide(step), step)
+            self.apply(self._decide(step), step)
         if sync:
             self._sync()
         self.policy_time += time.perf_counter() - t0
@@ -283,7 +293,10 @@ class Trainer:
             correct += (out.argmax(1) == y).sum()
             n += len(y)
         self.freezer.train_mode()
-        return loss_sum.item() / max(n, 1), correct.item() / max(n, 1)
+        loss_total, correct_total, n = loss_sum.item(), correct.item(), n
+        if self.dist is not None:  # every rank evaluated its shard of the validation set
+            loss_total, correct_total, n = distributed.all_reduce_sum([loss_total, correct_total, n], self.device)
+        return loss_total / max(n, 1), correct_total / max(n, 1)
 
     # --- the loop ------------------------------------------------------------------------------------
     def fit(self) -> RunResult:
@@ -296,7 +309,8 @@ class Trainer:
         try:
             self._log_start()
             result = self._fit()
-            self._log_end(result)
+            if self.rank == 0:
+                self._log_end(result)
             self._save_final_state()
         except BaseException as e:
             if self.tracker.run_id:
@@ -319,7 +333,7 @@ class Trainer:
     def _fit(self) -> RunResult:
         tc = self.cfg.trainer
         plan = self.plan
-        bar_enabled = tc.progress
+        bar_enabled = tc.progress and self.rank == 0
         self.step_cost = self.cost.step_flops(self.freezer.frozen)
         full_cost = self.cost.full_step_flops
         tflops = tflops_full = 0.0
@@ -330,8 +344,10 @@ class Trainer:
         # a decision before the first step (static freezing at step 0, schedules that start frozen)
         if self._resumed is None and self.policy.decide_at(0):
             t0 = time.perf_counter()
-            self.apply(self.policy.decide(0), 0)
+            self.apply(self._decide(0), 0)
             self.policy_time += time.perf_counter() - t0
+        if self.dist is not None and self.train_model is self.model:
+            self._wrap_ddp()
         from tqdm.auto import tqdm
 
         val_loss = val_acc = float("nan")
@@ -373,7 +389,7 @@ class Trainer:
                     x = x.contiguous(memory_format=torch.channels_last)
                 self._set_lr(self.step)
                 with self._autocast():
-                    out = self.model(x)
+                    out = self.train_model(x)
                 losses = F.cross_entropy(out.float(), y, reduction="none")
                 loss = losses.mean()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -395,7 +411,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss.item():.3f}", frozen=len(self.freezer.frozen), refresh=False)
                 self._policy_tick(self.step, losses, idx)
                 bar.update(1)
-                if self._stop_signal is not None:
+                if self._should_stop():
                     part = {"samples": samples, "flops_epoch": flops_epoch, "loss_sum": loss_sum.detach().cpu(),
                             "correct": correct.cpu(), "policy_s": self.policy_time - policy_before,
                             "loop_s": loop_before + time.perf_counter() - t0}
@@ -404,6 +420,8 @@ class Trainer:
             self._sync()
             t_loop = time.perf_counter() - t0 + loop_before
             bar.close()
+            if self.dist is not None:
+                samples, flops_epoch, loss_sum, correct = self._reduce_epoch(samples, flops_epoch, loss_sum, correct)
             train_loss = loss_sum.item() / max(samples, 1)
             self._check_finite(torch.tensor(train_loss))
             policy_s = self.policy_time - policy_before
@@ -467,7 +485,9 @@ class Trainer:
     def _load_resume(self) -> dict[str, Any] | None:
         """Restore the state of the checkpoint ``resume`` names (nothing when it names none)."""
         fingerprint = ckpt.config_fingerprint(flatten(self.cfg))
-        path = ckpt.resolve(self.cfg.resume, self.cfg.trainer.output_dir, fingerprint)
+        path = ckpt.resolve(self.cfg.resume, self.cfg.trainer.output_dir, fingerprint) if self.rank == 0 else None
+        if self.dist is not None:
+            path = distributed.broadcast_object(path)
         if path is None:
             return None
         payload = ckpt.read(path)
@@ -476,13 +496,14 @@ class Trainer:
         ckpt.restore(self, payload, path)
         self.policy_time = float(payload["accounting"]["policy_time"])
         self._pending_rng = payload["rng"][self.rank]
+        epoch_acc = payload["epoch_acc"][self.rank] if payload["epoch_acc"] else None
         run_id = payload["mlflow"]["run_id"]
         if run_id and self.cfg.tracking.enabled:
             self.cfg.tracking.run_id = run_id
         pos = payload["position"]
         log.warning("resuming from %s: epoch %d, batch %d, step %d%s", path, pos["epoch"], pos["batch"], pos["step"],
                     f", MLflow run {run_id}" if run_id else "")
-        return {"path": str(path), "position": pos, "epoch_acc": payload["epoch_acc"],
+        return {"path": str(path), "position": pos, "epoch_acc": epoch_acc,
                 "accounting": payload["accounting"], "run_id": run_id}
 
     def _accounting(self, tflops: float, tflops_full: float, history: list[dict[str, float]], val_loss: float,
@@ -508,15 +529,62 @@ class Trainer:
     def save_state(self, *, epoch: int, batch: int, epoch_acc: dict[str, Any] | None, accounting: dict[str, Any],
                    finished: bool = False) -> Path | None:
         """Write the full training state to :attr:`run_dir`/last.pt atomically (see :mod:`freezebench.checkpoint`)."""
-        rng = [ckpt.rng_state()]
-        payload = ckpt.build_payload(self, epoch=epoch, batch=batch, epoch_acc=epoch_acc, accounting=accounting,
-                                     rng=rng, world_size=self.world_size, finished=finished)
-        return ckpt.write(payload, self.run_dir / ckpt.LAST)
+        local = {"rng": ckpt.rng_state(), "epoch_acc": epoch_acc}  # per rank
+        ranks = distributed.all_gather_object(local) if self.dist is not None else [local]
+        path: Path | None = None
+        error = None
+        if self.rank == 0:
+            payload = ckpt.build_payload(
+                self, epoch=epoch, batch=batch, rng=[r["rng"] for r in ranks], accounting=accounting,
+                epoch_acc=None if epoch_acc is None else [r["epoch_acc"] for r in ranks],
+                world_size=self.world_size, finished=finished)
+            try:
+                path = ckpt.write(payload, self.run_dir / ckpt.LAST)
+            except ckpt.CheckpointError as e:
+                error = e
+        if self.dist is not None:  # every rank learns how the write went (and waits for it)
+            path, message = distributed.broadcast_object((path, None if error is None else str(error)))
+            if message is not None:
+                raise ckpt.CheckpointError(message)
+        if error is not None:
+            raise error
+        return path
 
     def _save_final_state(self) -> None:
         if self.cfg.trainer.checkpoint_every and self._final_accounting is not None:
             self.save_state(epoch=self.plan.epochs, batch=0, epoch_acc=None, accounting=self._final_accounting,
                             finished=True)
+
+    # --- data parallelism (freezebench.distributed) ----------------------------------------------------
+    def _decide(self, step: int) -> Decision | None:
+        """The policy's decision; under DDP rank 0's, broadcast, so every rank freezes the same units."""
+        decision = self.policy.decide(step)
+        if self.dist is not None:
+            decision = distributed.broadcast_object(decision)
+        return decision
+
+    def _wrap_ddp(self) -> None:
+        if self.dist is not None:
+            old, self.train_model = self.train_model, self.model
+            self.train_model = distributed.wrap(self.model, self.device, old)
+
+    def _reduce_epoch(self, samples: int, flops: float, loss_sum: torch.Tensor,
+                      correct: torch.Tensor) -> tuple[int, float, torch.Tensor, torch.Tensor]:
+        """Epoch sums over all ranks, and rank 0's buffers (BatchNorm statistics) on every rank."""
+        s, f, ls, c = distributed.all_reduce_sum([samples, flops, loss_sum.item(), correct.item()], self.device)
+        distributed.broadcast_buffers(self.model)
+        return int(s), f, torch.tensor(ls), torch.tensor(int(c))
+
+    def _should_stop(self) -> bool:
+        """Whether SIGTERM/SIGINT asked to stop; under DDP agreed by all ranks every check_finite_every steps."""
+        if self.dist is None:
+            return self._stop_signal is not None
+        if self.step % self.cfg.trainer.check_finite_every:
+            return False
+        stop = distributed.any_rank(self._stop_signal is not None, self.device)
+        if stop and self._stop_signal is None:
+            self._stop_signal = signal.SIGTERM
+        return stop
 
     def request_stop(self, signum: int = signal.SIGTERM) -> None:
         """Stop at the next step boundary after writing a checkpoint (what SIGTERM and SIGINT do)."""

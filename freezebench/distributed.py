@@ -1,0 +1,195 @@
+"""Data-parallel training under ``torchrun``: every rank freezes the same units at the same step.
+
+    torchrun --nproc_per_node 8 -m freezebench train policy=smartfrz ...           # GPUs: NCCL
+    torchrun --nproc_per_node 2 -m freezebench train trainer.device=cpu ...        # CPU: gloo
+
+(``python -m torch.distributed.run`` where the ``torchrun`` script is not on the path.) The trainer switches
+to data parallelism when ``torchrun`` has set ``RANK``/``WORLD_SIZE``; nothing else changes on the command line.
+
+How the ranks stay in step:
+
+* **Data**: each rank trains on its shard of the epoch's seeded permutation, by ``DistributedSampler``'s rule
+  (padded by wrapping to a multiple of the world size, every ``world``-th index from ``rank``), so all ranks
+  take the same number of steps. ``data.batch_size`` is per rank (the global batch is ``world`` times it).
+  Validation is sharded without padding and its sums are all-reduced.
+* **Decisions**: every rank runs the policy on signals that are identical on all ranks (weights and, after
+  DDP's all-reduce, gradients are identical; activations come from the same fixed probe batch; per-sample
+  losses are all-gathered into the global batch), and rank 0's decision is broadcast and applied by every
+  rank, so float noise can never split the ranks.
+* **Freezing**: DDP's reducer knows the parameters that required gradients when it was built; after a freeze
+  the wrapper is rebuilt around the remaining trainable parameters (the old reducer and its hooks dropped).
+* **Buffers**: BatchNorm statistics move per rank; at every epoch end rank 0's buffers are broadcast (DDP
+  itself broadcasts them before every forward), so evaluation and checkpoints see one model.
+* **Accounting and logging**: samples, FLOPs and training loss/accuracy are summed over all ranks; only
+  rank 0 logs to MLflow and writes checkpoints (with every rank's random states).
+* **Stopping**: SIGTERM/SIGINT stop all ranks at the same step boundary (the stop flag is all-reduced every
+  ``trainer.check_finite_every`` steps).
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def from_env() -> Dist | None:
+    """The process's place in a ``torchrun`` job (``None`` outside one)."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    return Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def setup(ctx: Dist, device: torch.device) -> torch.device:
+    """Join the process group (NCCL on CUDA, gloo on CPU); returns this rank's device (``cuda:LOCAL_RANK``)."""
+    if device.type == "cuda":
+        device = torch.device("cuda", ctx.local_rank if device.index is None else device.index)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` as rank ``src`` has it, on every rank (pickled; for decisions, paths and flags)."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise sum over ranks (float64, so sample counts and FLOPs stay exact)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenation of every rank's ``t`` in rank order (the same shape on every rank)."""
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Rank ``src``'s buffers (BatchNorm running statistics) on every rank."""
+    for b in module.buffers():
+        dist.broadcast(b.data, src)
+
+
+def wrap(model: torch.nn.Module, device: torch.device, old: Any = None) -> torch.nn.Module:
+    """A DDP wrapper over the parameters of ``model`` that require gradients now.
+
+    ``old`` (the previous wrapper) is dropped first: its reducer's hooks would otherwise wait for gradients
+    of parameters that were frozen since.
+    """
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if old is not None and old is not model:
+        del old
+        gc.collect()
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False)
+
+
+class ShardedLoader:
+    """Rank ``rank``'s share of a training or validation loader of :mod:`freezebench.data`.
+
+    The order of an epoch is the base loader's (the same seeded permutation); ``pad`` wraps it to a multiple
+    of ``world`` so every rank gets the same number of batches (training), or leaves the shards uneven
+    (validation, where sums are all-reduced and nothing may be counted twice).
+    """
+
+    def __init__(self, base: Any, rank: int, world: int, *, pad: bool):
+        self.base, self.rank, self.world, self.pad = base, rank, world, pad
+        self.batch_size = base.batch_size
+
+    @property
+    def num_samples(self) -> int:
+        return self.base.num_samples
+
+    @property
+    def epoch(self) -> int:
+        return self.base.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.base.set_epoch(epoch)
+
+    def unaugmented(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.base.unaugmented(idx)
+
+    def _shard_size(self) -> int:
+        n = self.base.num_samples
+        return math.ceil(n / self.world) if self.pad else len(range(self.rank, n, self.world))
+
+    def __len__(self) -> int:
+        return math.ceil(self._shard_size() / self.batch_size)
+
+    def shard(self) -> torch.Tensor:
+        """This rank's sample indices for the current epoch, in order."""
+        b = self.base
+        n = b.num_samples
+        gen = torch.Generator().manual_seed(b.seed * 1_000_003 + b.epoch)
+        order = torch.randperm(n, generator=gen) if b.shuffle else torch.arange(n)
+        if self.pad:
+            total = math.ceil(n / self.world) * self.world
+            order = torch.cat([order, order.repeat(math.ceil(total / n))[: total - n]])
+        return order[self.rank :: self.world]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        b = self.base
+        shard = self.shard()
+        bs = self.batch_size
+        if hasattr(b, "x"):  # TensorLoader: tensors in memory, augmentation with a per-rank generator
+            gen = torch.Generator().manual_seed(b.seed * 1_000_003 + b.epoch + 7_919 * (self.rank + 1))
+            shard = shard.to(b.device)
+            for i in range(len(self)):
+                idx = shard[i * bs : (i + 1) * bs]
+                yield b._prepare(b.x[idx], gen if b.augment else None), b.y[idx], idx
+            return
+        # FolderLoader: a DataLoader over this rank's indices
+        gen = torch.Generator().manual_seed(b.seed * 1_000_003 + b.epoch + 7_919 * (self.rank + 1))
+        dl = torch.utils.data.DataLoader(b.ds, batch_size=bs, sampler=shard.tolist(), generator=gen,
+                                         num_workers=b.num_workers, pin_memory=b.device.type == "cuda")
+        nb = b.device.type == "cuda"
+        for x, y, i in dl:
+            yield x.to(b.device, non_blocking=nb), y.to(b.device, non_blocking=nb), i.to(b.device)
+
+
+def shard_data(data: Any, ctx: Dist) -> Any:
+    """A :class:`freezebench.data.DataBundle` whose loaders give this rank's shards."""
+    return replace(data, train=ShardedLoader(data.train, ctx.rank, ctx.world_size, pad=True),
+                   val=ShardedLoader(data.val, ctx.rank, ctx.world_size, pad=False))

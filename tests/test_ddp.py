@@ -1,0 +1,120 @@
+"""Data parallelism under torchrun: every rank freezes the same units and ends with the same model.
+
+CPU runs use gloo with two processes; the CUDA test (NCCL, one process per GPU, at most two) runs only
+where a GPU is present.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from freezebench import checkpoint as ckpt
+from freezebench.distributed import ShardedLoader
+from freezebench.data import TensorLoader
+
+HERE = Path(__file__).resolve().parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(nproc: int, dump: Path, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+    env.pop("MLFLOW_RUN_ID", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+           "127.0.0.1", "--master_port", str(_free_port()), str(HERE / "ddp_worker.py"), str(dump), "train", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _check_ranks_agree(dump: Path, nproc: int, run_name: str, steps: int, batch: int, epochs: int) -> None:
+    ranks = [torch.load(dump / f"rank{r}.pt", weights_only=True) for r in range(nproc)]
+    first = ranks[0]
+    assert first["world_size"] == nproc
+    assert first["frozen"] and first["events"]  # the policy froze something: the DDP wrapper was rebuilt
+    for other in ranks[1:]:
+        assert other["frozen"] == first["frozen"] and other["events"] == first["events"]
+        assert first["state"].keys() == other["state"].keys()
+        assert all(torch.equal(first["state"][k], other["state"][k]) for k in first["state"])
+        assert set(other["shard"]).isdisjoint(first["shard"])  # each rank trained on its own samples
+        assert other["run_id"] is None  # only rank 0 tracks
+    # one MLflow run, logged once per epoch, costs counted over all ranks
+    client = mlflow.tracking.MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("freezebench").experiment_id],
+                              f"attributes.run_name = '{run_name}'")
+    assert [r.info.run_id for r in runs] == [first["run_id"]]
+    assert runs[0].info.status == "FINISHED"
+    samples = client.get_metric_history(first["run_id"], "data/samples_per_epoch")
+    assert sorted((m.step, m.value) for m in samples) == [(e + 1, float(nproc * steps * batch)) for e in range(epochs)]
+    full = client.get_metric_history(first["run_id"], "cost/tflops_full")
+    want = first["full_step_flops"] * nproc * steps * batch * epochs / 1e12
+    assert max(m.value for m in full) == pytest.approx(want, rel=1e-12)
+    frozen = client.get_metric_history(first["run_id"], "freeze/frozen_units")
+    assert len(frozen) == epochs and frozen[-1].value == len(first["frozen"])
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_freeze_the_same_units_and_end_identical(mlflow_uri, tiny_overrides, tmp_path):
+    args = [*tiny_overrides, "policy=autofreeze", "model.granularity=layer", "tracking.run_name=ddp-cpu"]
+    proc = _torchrun(2, tmp_path, args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _check_ranks_agree(tmp_path, 2, "ddp-cpu", steps=4, batch=16, epochs=3)
+    # rank 0's checkpoint carries both ranks' random states
+    [last] = list((tmp_path / "outputs").glob("*/last.pt"))
+    saved = ckpt.read(last)
+    assert saved["position"]["world_size"] == 2 and len(saved["rng"]) == 2 and saved["finished"]
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (NCCL)")
+def test_nccl_processes_freeze_the_same_units_and_end_identical(mlflow_uri, tiny_overrides, tmp_path):
+    nproc = min(2, torch.cuda.device_count())
+    args = [*[o for o in tiny_overrides if o != "trainer.device=cpu"], "trainer.device=cuda", "policy=autofreeze",
+            "model.granularity=layer", "tracking.run_name=ddp-cuda"]
+    proc = _torchrun(nproc, tmp_path, args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _check_ranks_agree(tmp_path, nproc, "ddp-cuda", steps=4, batch=16, epochs=3)
+
+
+def test_shards_partition_the_epoch_like_distributed_sampler():
+    x, y = torch.arange(10.0).view(10, 1, 1, 1), torch.arange(10)
+    base = TensorLoader(x, y, batch_size=2, shuffle=True, seed=3)
+    base.set_epoch(1)
+    order = [int(i) for _, _, idx in base for i in idx]
+    train = [ShardedLoader(base, r, 3, pad=True) for r in range(3)]
+    val = [ShardedLoader(base, r, 3, pad=False) for r in range(3)]
+    # padded (training): 12 = 10 + the first 2 again, every 3rd from the rank; equal batch counts
+    assert [s.shard().tolist() for s in train] == [(order + order[:2])[r::3] for r in range(3)]
+    assert [len(s) for s in train] == [2, 2, 2]
+    assert [int(i) for _, _, idx in train[1] for i in idx] == (order + order[:2])[1::3]
+    # unpadded (validation): a partition, nothing counted twice
+    assert sorted(i for s in val for i in s.shard().tolist()) == list(range(10))
+    assert [len(s) for s in val] == [2, 2, 2]
+    for s in train:  # the batches carry the samples of the indices they report
+        for xb, yb, idx in s:
+            assert torch.equal(yb, idx) and torch.equal(xb.view(-1), idx.float())
+
+
+def test_resume_with_another_world_size_is_a_clear_error(tiny_overrides, tmp_path):
+    from freezebench.config import load_config
+    from freezebench.errors import CheckpointError
+    from freezebench.trainer import Trainer
+
+    t = Trainer(load_config([*tiny_overrides, "tracking.enabled=false", f"trainer.output_dir={tmp_path}",
+                             "trainer.epochs=1", "tracking.run_name=w"]))
+    payload = ckpt.build_payload(t, epoch=0, batch=0, epoch_acc=None, accounting={}, rng=[], world_size=2)
+    ckpt.write(payload, tmp_path / "w2.pt")
+    with pytest.raises(CheckpointError, match="written by 2 process.*--nproc_per_node 2"):
+        Trainer(load_config([*tiny_overrides, "tracking.enabled=false", f"trainer.output_dir={tmp_path}",
+                             "trainer.epochs=1", f"resume={tmp_path / 'w2.pt'}"]))
