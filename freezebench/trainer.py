@@ -329,6 +329,9 @@ class Trainer:
                                  "units.gflops_per_sample_full": self.cost.full_step_flops / 1e9})
         self.tracker.log_text(to_yaml(self.cfg), "config.yaml")
         self.tracker.log_text(self.partition.table(), "units.txt")
+        if self._resumed is not None and not self._resumed["run_id"]:  # tracked only from this resume on
+            for i, m in enumerate(self._resumed["accounting"]["history"]):
+                self.tracker.log_metrics(m, step=i + 1)
 
     def _fit(self) -> RunResult:
         tc = self.cfg.trainer
@@ -479,7 +482,10 @@ class Trainer:
     # --- checkpoint and resume (freezebench.checkpoint) ------------------------------------------------
     @property
     def run_dir(self) -> Path:
-        """``<trainer.output_dir>/<MLflow run id, or the run name when untracked>``: final.pt and last.pt."""
+        """Where last.pt goes: ``<trainer.output_dir>/<MLflow run id, or the run name when untracked>``, or the
+        folder of the checkpoint this run resumed from (which is then superseded, never left unfinished)."""
+        if self._resumed is not None:
+            return Path(self._resumed["path"]).parent
         return Path(self.cfg.trainer.output_dir) / (self.tracker.run_id or self.run_name)
 
     def _load_resume(self) -> dict[str, Any] | None:

@@ -156,3 +156,23 @@ def test_resume_refuses_another_config_and_a_finished_run(tiny_overrides, tmp_pa
     assert fp == {"optim.lr": "0.1"}
     # resume=auto ignores finished runs and other configs: a fresh start
     assert Trainer(_tiny_untracked(tiny_overrides, tmp_path, "trainer.epochs=2", "resume=auto"))._resumed is None
+
+
+def test_untracked_run_resumed_with_tracking_logs_every_epoch(mlflow_uri, tiny_overrides, tmp_path):
+    base = [*tiny_overrides, "tracking.run_name=late", f"trainer.output_dir={tmp_path / 'o'}"]
+    t = Trainer(load_config([*base, "tracking.enabled=false"]))
+    tick = t._policy_tick
+
+    def stop(step, *args):
+        tick(step, *args)
+        if step == 6:
+            t.request_stop()
+
+    t._policy_tick = stop
+    with pytest.raises(Exception, match="stopped at step 6"):
+        t.fit()
+    result = Trainer(load_config([*base, "resume=auto"])).fit()
+    client = mlflow.tracking.MlflowClient()
+    assert _history(client, result.run_id, "cost/tflops") == [(i + 1, h["cost/tflops"])
+                                                              for i, h in enumerate(result.history)]
+    assert ckpt.read(tmp_path / "o" / "late" / "last.pt")["finished"] is True  # nothing left unfinished
