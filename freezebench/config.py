@@ -218,7 +218,14 @@ def load_config(overrides: list[str] | None = None, preset: str | None = None) -
                 preset_cfg.policy.name = policy_name
             base = OmegaConf.merge(base, preset_cfg)
         for o in rest:  # one at a time, so that an error names the override that caused it
-            base = OmegaConf.merge(base, _parse_dotlist_item(o))
+            item = _parse_dotlist_item(o)
+            try:
+                base = OmegaConf.merge(base, item)
+            except oc_errors.OmegaConfBaseException:
+                raise
+            except Exception as e:  # OmegaConf trips over some malformed keys ('[', 'a[0') itself
+                raise ConfigError(f"override {o!r} cannot be applied ({type(e).__name__}: {e}); use key=value "
+                                  f"with a dotted key, e.g. trainer.epochs=3") from None
         OmegaConf.to_container(base, resolve=True)  # interpolations (${...}) that do not resolve fail here
     except oc_errors.OmegaConfBaseException as e:
         raise ConfigError(_oc_message(e, base)) from None
@@ -236,6 +243,11 @@ def _parse_dotlist_item(item: str) -> DictConfig:
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem}); quote it, e.g. "
                           f"key='value'") from None
+    except oc_errors.OmegaConfBaseException as e:
+        raise ConfigError(f"override {item!r}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # OmegaConf trips over some malformed keys ('[', 'a[0') itself
+        raise ConfigError(f"override {item!r} is not a valid key=value item ({type(e).__name__}: {e}); use a "
+                          f"dotted key, e.g. trainer.epochs=3") from None
 
 
 def validate(cfg: DictConfig) -> None:

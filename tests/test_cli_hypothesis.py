@@ -43,11 +43,11 @@ overrides = st.one_of(
     st.tuples(keys, values).map(lambda kv: f"{kv[0]}={kv[1]}"),
     st.text(max_size=16),  # malformed: no '=', '=value', empty, spaces, quotes
     st.text(alphabet=" '\"=ab.[]{}$:,\\", max_size=12),  # one argument holding several (mlflow run -P style)
-    st.sampled_from(["=1", "=", "key", "a b=1", "x='unclosed", 'y="', "trainer.epochs =3", " =3", "a 'b", "trainer=3"]),
+    st.sampled_from(["=1", "=", "key", "a b=1", "x='unclosed", 'y="', "trainer.epochs =3", " =3", "a 'b", "trainer=3", "[=", "[0]=1", "a[=1", "a]=1", "{=1"]),
 )
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(overrides, max_size=5))
 def test_config_command_line_is_valid_or_one_clear_error(items):
     out, err = io.StringIO(), io.StringIO()
