@@ -34,6 +34,7 @@ from . import __version__
 from .config import flatten, to_yaml
 from .cost import CostModel
 from .data import DataBundle, build_data
+from .cache import PrefixCache
 from .errors import ConfigError, NonFiniteLossError
 from .fileio import atomic_torch_save
 from .freezer import FreezeEvent, Freezer, param_groups
@@ -160,6 +161,7 @@ class Trainer:
         self.step = 0
         self.policy_time = 0.0
         self.tracker: NullTracker = make_tracker(cfg.tracking)
+        self.cache: PrefixCache | None = self._build_cache()
 
     # --- names ---------------------------------------------------------------------------------------
     @property
@@ -194,6 +196,35 @@ class Trainer:
         for g in self.optimizer.param_groups:
             scale = self.lr_override.get(g.get("unit", -1))
             g["lr"] = g["base_lr"] * (factor if scale is None else scale)
+
+    def _build_cache(self) -> PrefixCache | None:
+        """The frozen-prefix cache when ``trainer.cache_frozen_prefix`` (refused under random augmentation)."""
+        tc = self.cfg.trainer
+        if not tc.cache_frozen_prefix:
+            return None
+        if self.data.info.random_augmentation:
+            raise ConfigError(
+                f"trainer.cache_frozen_prefix needs the same training input every epoch, but {self.data.info.name} "
+                f"uses random augmentation; set data.augment=false or trainer.cache_frozen_prefix=false"
+            )
+        return PrefixCache(self.model, self.units, self.data.train.num_samples, dtype=tc.cache_dtype,
+                           location=tc.cache_location, folder=tc.cache_dir, device=self.device, cost=self.cost,
+                           channels_last=tc.channels_last and self.device.type == "cuda")
+
+    def _train_batches(self) -> Any:
+        """The training loader (read ahead by the cache when it gathers from host memory or disk)."""
+        if self.cache is None:
+            return self.data.train
+        return self.cache.batches(self.data.train)
+
+    def _forward(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The model's training forward pass; through the frozen-prefix cache when there is one, which also
+        sets ``step_cost`` to this step's FLOPs per sample (skipped prefix forwards are not counted)."""
+        if self.cache is None:
+            return self.model(x)
+        out = self.cache.forward(x, idx, self.freezer.frozen)
+        self.step_cost = self.cache.last_flops_per_sample
+        return out
 
     def probe(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._probe is None:
@@ -338,14 +369,14 @@ class Trainer:
                        mininterval=0.2 if sys.stderr.isatty() else 15.0)  # logs get few lines
             self._sync()
             t0 = time.perf_counter()
-            for b, (x, y, idx) in enumerate(self.data.train):
+            for b, (x, y, idx) in enumerate(self._train_batches()):
                 if b >= plan.steps_per_epoch:
                     break
                 if channels_last and x.dim() == 4:
                     x = x.contiguous(memory_format=torch.channels_last)
                 self._set_lr(self.step)
                 with self._autocast():
-                    out = self.model(x)
+                    out = self._forward(x, idx)
                 losses = F.cross_entropy(out.float(), y, reduction="none")
                 loss = losses.mean()
                 self.optimizer.zero_grad(set_to_none=True)
