@@ -80,8 +80,8 @@ class ModelSplit:
         self._unit_of = [self._node_unit(n, unit_of_module) for n in self.nodes]
         self._segments: dict[tuple[int, int], fx.GraphModule] = {}
         self._positions: dict[int, int] = {}
-        self._users = {n: {u for u in n.users} for n in self.nodes}
         self._index = {n: i for i, n in enumerate(self.nodes)}
+        self._last_use = [max((self._index[u] for u in n.users), default=-1) for n in self.nodes]
 
     @staticmethod
     def _node_unit(node: fx.Node, unit_of_module: dict[str, int]) -> int | None:
@@ -103,13 +103,30 @@ class ModelSplit:
             return 0
         if k not in self._positions:
             owned = [i for i, u in enumerate(self._unit_of) if u is not None and u < k]
-            self._positions[k] = (max(owned) + 1) if owned else 0
+            pos = (max(owned) + 1) if owned else 0
+            # move the cut past parameter-free, deterministic operations (activations, the residual add)
+            # to where the fewest values cross it: after a block's add, only its output is stored
+            best, fewest = pos, len(self.live(pos))
+            while pos < len(self.nodes) and self._movable(self.nodes[pos]):
+                pos += 1
+                n = len(self.live(pos))
+                if n <= fewest:
+                    best, fewest = pos, n
+            self._positions[k] = best
         return self._positions[k]
+
+    def _movable(self, node: fx.Node) -> bool:
+        if node.op in ("call_function", "call_method"):
+            return not _is_random(node)
+        if node.op == "call_module":
+            mod = self.gm.get_submodule(str(node.target))
+            return (self._unit_of[self._index[node]] is None and not any(True for _ in mod.parameters())
+                    and not isinstance(mod, nn.modules.dropout._DropoutNd))
+        return False
 
     def live(self, pos: int) -> list[fx.Node]:
         """Values computed before ``pos`` and read at or after it (parameters excepted)."""
-        later = set(self.nodes[pos:])
-        return [n for n in self.nodes[:pos] if n.op != "get_attr" and self._users[n] & later]
+        return [n for i, n in enumerate(self.nodes[:pos]) if n.op != "get_attr" and self._last_use[i] >= pos]
 
     def check_cut(self, k: int) -> None:
         """Raise :class:`ConfigError` unless everything before cut ``k`` is frozen and deterministic."""
@@ -134,8 +151,7 @@ class ModelSplit:
                 if attr is not None and attr.requires_grad:
                     raise ConfigError(f"cannot cache the frozen prefix: trainable parameter {node.target!r} is "
                                       f"used before unit {k}; train without trainer.cache_frozen_prefix")
-            elif node.op in ("call_function", "call_method") and (
-                    node.target in _RANDOM_FUNCTIONS or node.target in ("bernoulli_", "uniform_", "normal_")):
+            elif node.op in ("call_function", "call_method") and _is_random(node):
                 raise ConfigError(f"cannot cache the frozen prefix: {node.name} before unit {k} is random; train "
                                   f"without trainer.cache_frozen_prefix")
 
@@ -175,6 +191,10 @@ class ModelSplit:
         seg.recompile()
         self._segments[key] = seg
         return seg
+
+
+def _is_random(node: fx.Node) -> bool:
+    return node.target in _RANDOM_FUNCTIONS or node.target in ("bernoulli_", "uniform_", "normal_", "dropout")
 
 
 def _is_param(gm: nn.Module, target: str) -> bool:
