@@ -54,6 +54,7 @@ from freezebench.data import DataBundle, build_data
 from freezebench.trainer import Trainer, resolve_device
 
 FRACTIONS = (0.25, 0.5, 0.75)
+MIDDLE_FRACTIONS = (0.25, 0.5)  # non-prefix freezing: this share of the freezable units, centred, frozen
 NUM_CLASSES = 10
 VAL_SAMPLES = 2 * NUM_CLASSES  # keep the evaluation _fit() always runs after its last epoch small (not timed)
 # short timed epochs, many rounds: on a shared machine a burst of contention then spoils few rounds
@@ -184,10 +185,19 @@ def overrides(args: argparse.Namespace, model: str, steps: int, policy: list[str
 class Bare:
     """The reference: a plain PyTorch training loop over the same loader, model copy and optimiser settings."""
 
-    def __init__(self, model: torch.nn.Module, cfg: Any, data: DataBundle, steps: int, device: torch.device):
+    def __init__(self, model: torch.nn.Module, cfg: Any, data: DataBundle, steps: int, device: torch.device,
+                 groups: bool = False):
         self.model, self.data, self.steps, self.device = model, data, steps, device
         o = cfg.optim
-        self.opt = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
+        params: Any = model.parameters()
+        if groups:  # one param group per unit, as the trainer builds them
+            from freezebench.freezer import param_groups
+            from freezebench.units import partition
+
+            probe = data.probe_batch(2, seed=0)[0]
+            part = partition(model, probe, "layer")
+            params = param_groups(part.units, part.other_params)
+        self.opt = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
                                    weight_decay=o.weight_decay)
 
     def epoch(self) -> float:
@@ -257,6 +267,16 @@ def bench_model(args: argparse.Namespace, model: str, steps: int, device: torch.
         if any(not torch.equal(a, p.detach()) for a, p in zip(init, t.model.parameters())):
             raise SystemExit(f"{model}: static f={f} trainer does not start from the same weights as the full one")
         frozen_trainers[f] = t
+    middle_trainers: dict[float, Trainer] = {}
+    for f in MIDDLE_FRACTIONS:  # SmartFRZ-style non-prefix freezing: a block of units in the middle
+        t = Trainer(cfg_full, data=data)
+        n_free = len(t.units) - 1
+        n = int(f * n_free)
+        start = (n_free - n) // 2
+        t.freezer.freeze(range(start, start + n), step=0, epoch=0.0, reason="benchmark: middle units")
+        middle_trainers[f] = t
+    # the bare loop with the trainer's optimiser layout (one param group per unit): what the groups cost
+    bare_groups = Bare(copy.deepcopy(full.model), cfg_full, data, steps, device, groups=True)
     del init
     cost = full.cost
     freezable = len(full.units) - 1
@@ -269,6 +289,8 @@ def bench_model(args: argparse.Namespace, model: str, steps: int, device: torch.
         "bare": bare.epoch,
         "trainer": lambda: trainer_epoch(full, steps),
         **{f"f{f:g}": (lambda t=t: trainer_epoch(t, steps)) for f, t in frozen_trainers.items()},
+        **{f"m{f:g}": (lambda t=t: trainer_epoch(t, steps)) for f, t in middle_trainers.items()},
+        "bare_groups": bare_groups.epoch,
         "data": lambda: data_only(data, steps, device),
     }
     names = list(variants)
@@ -355,6 +377,19 @@ def bench_model(args: argparse.Namespace, model: str, steps: int, device: torch.
             "measured_ratio_of_minima": best(f"f{f:g}", "trainer"),
         })
 
+    middle_rows = []
+    for f, t in middle_trainers.items():
+        frozen = sorted(t.freezer.frozen)
+        predicted = cost.step_flops(frozen) / cost.full_step_flops
+        measured = paired(f"m{f:g}", "trainer")
+        middle_rows.append({
+            "fraction": f, "frozen_units": frozen, "frozen_param_frac": t.freezer.frozen_param_fraction,
+            "step_ms": med(f"m{f:g}") * 1e3, "measured_ratio": measured, "predicted_ratio": predicted,
+            "efficiency": (1 - measured) / (1 - predicted) if predicted < 1 else None,
+            "measured_ratio_of_minima": best(f"m{f:g}", "trainer"),
+        })
+    groups_ratio = paired("bare_groups", "bare")
+
     print(f"-- {model}: (a) trainer overhead: bare {bare_ms:.1f} ms/step, trainer {trainer_ms:.1f} ms/step, "
           f"ratio {overhead:.3f} (target <= 1.03; fastest rounds {best('trainer', 'bare'):.3f}); "
           f"loader alone {med('data') * 1e3:.2f} ms/step; {len(undisturbed('trainer', 'bare'))} undisturbed "
@@ -370,9 +405,20 @@ def bench_model(args: argparse.Namespace, model: str, steps: int, device: torch.
               f"{row['step_ms']:>8.1f} {row['measured_ratio']:>9.3f} {row['predicted_ratio']:>9.3f} {eff:>7}",
               flush=True)
 
+    print(f"-- {model}: (c) non-prefix (middle) freezing vs cost model")
+    for row in middle_rows:
+        eff = "-" if row["efficiency"] is None else f"{row['efficiency']:.2f}"
+        print(f"   {row['fraction']:>5.2f} units {row['frozen_units'][0]}..{row['frozen_units'][-1]} "
+              f"{row['frozen_param_frac']:>7.1%} {row['step_ms']:>8.1f} ms  measured {row['measured_ratio']:.3f} "
+              f"predicted {row['predicted_ratio']:.3f} efficiency {eff}", flush=True)
+    print(f"-- {model}: (d) one param group per unit vs one group (bare loops): ratio {groups_ratio:.3f}", flush=True)
+
     return {
         "steps": steps,
         "units": len(full.units),
+        "middle": middle_rows,
+        "param_groups_ratio": groups_ratio,
+        "bare_groups_ms_per_step": med("bare_groups") * 1e3,
         "freezable_units": freezable,
         "forward_gflops_per_sample": cost.forward_flops() / 1e9,
         "full_step_gflops_per_sample": cost.full_step_flops / 1e9,
