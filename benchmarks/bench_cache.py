@@ -108,7 +108,7 @@ class Suffix:
             if b >= self.steps:
                 break
             ins = [t.index_select(0, idx) for t in self.inputs]
-            with (torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else torch.autocast("cpu", enabled=False)):
+            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
                 out = self.suffix(*ins)
             loss = F.cross_entropy(out.float(), y)
             self.opt.zero_grad(set_to_none=True)
@@ -146,7 +146,8 @@ def one_step_loss(t: Trainer | Suffix) -> None:
     if isinstance(t, Suffix):
         t.loader.set_epoch(0)
         _x, y, idx = next(iter(t.loader))
-        F.cross_entropy(t.suffix(*[v.index_select(0, idx) for v in t.inputs]).float(), y)
+        with torch.autocast(t.device.type, dtype=t.dtype, enabled=t.dtype is not None):
+            F.cross_entropy(t.suffix(*[v.index_select(0, idx) for v in t.inputs]).float(), y)
         return
     t.data.train.set_epoch(0)
     x, y, idx = next(iter(t._train_batches()))

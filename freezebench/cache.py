@@ -311,6 +311,11 @@ class PrefixCache:
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
 
+    def metrics(self) -> dict[str, float]:
+        """``cache/mb`` (stored now) and the samples served from it / computed into it so far."""
+        return {"cache/mb": self.nbytes / 2**20, "cache/served_samples": float(self.stats["served"]),
+                "cache/computed_samples": float(self.stats["computed_from_input"] + self.stats["pushed"])}
+
     # --- prefetching --------------------------------------------------------------------------------------
     def batches(self, loader: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Iterate ``loader``; with host or disk storage, gather each next batch's stored values on a

@@ -430,6 +430,8 @@ class Trainer:
                 "data/samples_per_epoch": float(samples),
             }
             m.update({f"policy/{k}": float(v) for k, v in self.policy.epoch_metrics().items()})
+            if self.cache is not None:
+                m.update(self.cache.metrics())
             m = {k: v for k, v in m.items() if not (isinstance(v, float) and math.isnan(v))}
             history.append(m)
             self.tracker.log_metrics(m, step=epoch + 1)

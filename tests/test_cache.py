@@ -46,6 +46,8 @@ def test_static_prefix_fp32_cache_trains_identically_and_skips_the_prefix_forwar
     assert hist[1]["cost/tflops_epoch"] < hist_ref[1]["cost/tflops_epoch"]
     assert t.cache.stats["computed_from_input"] == samples
     assert t.cache.stats["served"] == 2 * samples
+    assert hist[-1]["cache/served_samples"] == 2 * samples
+    assert hist[-1]["cache/mb"] == pytest.approx(t.cache.nbytes / 2**20) and t.cache.nbytes > 0
 
 
 def test_growing_prefix_is_pushed_through_new_units_exactly(tiny_overrides):
