@@ -38,6 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+import bench_step
 from bench_step import load_avg, machine_info, measure, sync
 from freezebench.config import load_config
 from freezebench.data import build_data
@@ -90,10 +91,11 @@ class Suffix:
             self.inputs = [t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in self.inputs]
         self.suffix = split.segment(k, None)
         self.model.train()
-        for u in units[:k]:  # frozen units' norm layers stay in eval mode, as the freezer keeps them
-            for n in u.module_names:
-                if n in mods and isinstance(mods[n], torch.nn.modules.batchnorm._NormBase):
-                    mods[n].eval()
+        self.frozen_norms = [mods[n] for u in units[:k] for n in u.module_names
+                             if isinstance(mods[n], torch.nn.modules.batchnorm._NormBase)]
+        for m in self.frozen_norms:  # frozen units' norm layers stay in eval mode, as the freezer keeps them
+            m.eval()
+        self.val = trainer.data.val
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
         self.loader = loader
@@ -115,7 +117,19 @@ class Suffix:
             loss.backward()
             self.opt.step()
         sync(self.device)
-        return (time.perf_counter() - t0) / self.steps
+        t = (time.perf_counter() - t0) / self.steps
+        self.evaluate()
+        return t
+
+    @torch.no_grad()
+    def evaluate(self) -> None:
+        """Untimed, like the evaluation each trainer ``_fit()`` runs after its epoch (so CPU times compare)."""
+        self.model.eval()
+        for x, y, _ in self.val:
+            F.cross_entropy(self.model(x), y, reduction="sum")
+        self.model.train()
+        for m in self.frozen_norms:
+            m.eval()
 
 
 def trainer_epoch(t: Trainer, steps: int) -> float:
@@ -182,6 +196,7 @@ def bench_model(args: argparse.Namespace, model: str, device: torch.device) -> d
     for n, obj in (("full", full), ("frozen", frozen), ("cached", cached), ("suffix", suffix)):
         mem[n]["saved_activation_mb"] = saved_activation_bytes(lambda o=obj: one_step_loss(o)) / 2**20
     times: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}  # this process's CPU seconds per step (see bench_step)
     others: dict[str, list[float | None]] = {n: [] for n in names}
     for r in range(args.repeats):
         j = r % len(names)
@@ -193,12 +208,16 @@ def bench_model(args: argparse.Namespace, model: str, device: torch.device) -> d
                 mem[n]["peak_allocated_mb"] = max(mem[n].get("peak_allocated_mb", 0.0),
                                                   torch.cuda.max_memory_allocated(device) / 2**20)
             times[n].append(v)
+            cpu[n].append(bench_step.LAST_OWN_CPU_S / args.steps)
             others[n].append(busy)
         print(f"round {r + 1}/{args.repeats} (ms/step)  " + "  ".join(f"{n} {times[n][-1] * 1e3:7.1f}" for n in names),
               flush=True)
 
     def paired(a: str, b: str) -> float:
         return statistics.median(times[a][r] / times[b][r] for r in range(args.repeats))
+
+    def paired_cpu(a: str, b: str) -> float:
+        return statistics.median(cpu[a][r] / cpu[b][r] for r in range(args.repeats))
 
     med = {n: statistics.median(times[n]) for n in names}
     cost = cached.cost
@@ -212,18 +231,24 @@ def bench_model(args: argparse.Namespace, model: str, device: torch.device) -> d
         "cached_vs_frozen": paired("cached", "frozen"),
         "cached_vs_full": paired("cached", "full"),
         "frozen_vs_full": paired("frozen", "full"),
+        "cpu_time": {"cached_vs_suffix": paired_cpu("cached", "suffix"), "cached_vs_frozen": paired_cpu("cached", "frozen"),
+                     "cached_vs_full": paired_cpu("cached", "full"), "frozen_vs_full": paired_cpu("frozen", "full"),
+                     "ms_per_step": {n: statistics.median(cpu[n]) * 1e3 for n in names}},
         "predicted": {"frozen_vs_full": cost.step_flops(fz) / cost.full_step_flops,
                       "cached_vs_full": cost.step_flops(fz, k) / cost.full_step_flops},
         "memory": mem,
         "cache_mb": cached.cache.nbytes / 2**20,
         "cache_values_per_sample": len(cached.cache.levels[k].buffers),
-        "raw_s_per_step": times, "raw_other_cpus": others,
+        "raw_s_per_step": times, "raw_cpu_s_per_step": cpu, "raw_other_cpus": others,
     }
     print(f"-- {model}: cached/suffix {res['cached_vs_suffix']:.3f} (target <= 1.1), cached/frozen "
           f"{res['cached_vs_frozen']:.3f}, cached/full {res['cached_vs_full']:.3f} (predicted "
           f"{res['predicted']['cached_vs_full']:.3f}), frozen/full {res['frozen_vs_full']:.3f} (predicted "
           f"{res['predicted']['frozen_vs_full']:.3f}); images/s " +
           ", ".join(f"{n} {v:.0f}" for n, v in res["images_per_s"].items()), flush=True)
+    c = res["cpu_time"]
+    print(f"   cpu-time: cached/suffix {c['cached_vs_suffix']:.3f}, cached/frozen {c['cached_vs_frozen']:.3f}, "
+          f"cached/full {c['cached_vs_full']:.3f}, frozen/full {c['frozen_vs_full']:.3f}", flush=True)
     print(f"   memory: " + "; ".join(f"{n} " + ", ".join(f"{kk} {vv:.1f}" for kk, vv in m.items())
                                     for n, m in mem.items()) + f"; cache {res['cache_mb']:.1f} MiB", flush=True)
     return res
