@@ -190,3 +190,17 @@ def test_cache_config_choices_are_validated():
         load_config(["trainer.cache_dtype=int8"])
     with pytest.raises(ConfigError, match="trainer.cache_location"):
         load_config(["trainer.cache_location=nvme"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["pipetransformer", "autofreeze", "svcca"])
+def test_any_policy_trains_the_same_with_an_fp32_cache(tiny_overrides, policy):
+    from test_contract import SETTINGS
+
+    base = tiny_overrides + [f"policy={policy}", *SETTINGS[policy]["overrides"]]
+    _, ref, hist_ref = _fit(base)
+    t, got, hist = _fit(base + ["trainer.cache_frozen_prefix=true", "trainer.cache_dtype=fp32"])
+    assert _max_diff(ref, got) < 1e-5
+    assert [h["freeze/frozen_units"] for h in hist] == [h["freeze/frozen_units"] for h in hist_ref]
+    assert t.freezer.frozen_prefix() > 0 and t.cache.stats["computed_from_input"] > 0  # the cache was used
+    assert hist[-1]["cost/tflops"] <= hist_ref[-1]["cost/tflops"]
