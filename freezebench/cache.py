@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import operator
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -231,8 +230,8 @@ class _Level:
 class PrefixCache:
     """Per-sample cache of a frozen prefix's live values (see the module docstring).
 
-    ``forward(x, idx, prefix)`` replaces ``model(x)`` in the training step: it serves the samples ``idx`` from
-    the cache when they are stored at cut ``prefix`` (the current frozen-prefix length), otherwise computes
+    ``forward(x, idx, frozen)`` replaces ``model(x)`` in the training step: it serves the samples ``idx`` from
+    the cache when they are stored at the cut after the frozen prefix of ``frozen``, otherwise computes
     their values at that cut (from the input, or from an earlier cut) under ``torch.no_grad``, stores them,
     and runs the trainable suffix on the stored (reduced-precision) values. ``last_flops_per_sample`` holds
     the step's training FLOPs per sample under the cost model.
