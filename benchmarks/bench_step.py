@@ -54,6 +54,7 @@ from freezebench.data import DataBundle, build_data
 from freezebench.trainer import Trainer, resolve_device
 
 FRACTIONS = (0.25, 0.5, 0.75)
+MIDDLE_FRACTIONS = (0.25, 0.5)  # non-prefix freezing: this share of the freezable units, centred, frozen
 NUM_CLASSES = 10
 VAL_SAMPLES = 2 * NUM_CLASSES  # keep the evaluation _fit() always runs after its last epoch small (not timed)
 # short timed epochs, many rounds: on a shared machine a burst of contention then spoils few rounds
@@ -133,13 +134,18 @@ def _minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
+LAST_OWN_CPU_S = 0.0  # this process's CPU seconds during the last measure() (user + system, all threads)
+
+
 def measure(fn: Any) -> tuple[float, float | None, int]:
     """Run ``fn`` (returns seconds per step); also return the CPUs other processes kept busy meanwhile
     (None when unknown) and this process's minor page faults (the allocator returning and re-mapping memory
     is a real cost on CPU that varies from epoch to epoch)."""
+    global LAST_OWN_CPU_S
     f0, b0, o0, w0 = _minor_faults(), _busy_cpu_s(), _own_cpu_s(), time.perf_counter()
     value = fn()
     b1, o1, w1, f1 = _busy_cpu_s(), _own_cpu_s(), time.perf_counter(), _minor_faults()
+    LAST_OWN_CPU_S = o1 - o0
     if b0 is None or b1 is None or w1 - w0 < 0.2:  # /proc/stat counts in 10 ms ticks: too short to tell
         return value, None, f1 - f0
     return value, max(0.0, (b1 - b0) - (o1 - o0)) / max(w1 - w0, 1e-9), f1 - f0
@@ -184,10 +190,19 @@ def overrides(args: argparse.Namespace, model: str, steps: int, policy: list[str
 class Bare:
     """The reference: a plain PyTorch training loop over the same loader, model copy and optimiser settings."""
 
-    def __init__(self, model: torch.nn.Module, cfg: Any, data: DataBundle, steps: int, device: torch.device):
+    def __init__(self, model: torch.nn.Module, cfg: Any, data: DataBundle, steps: int, device: torch.device,
+                 groups: bool = False):
         self.model, self.data, self.steps, self.device = model, data, steps, device
         o = cfg.optim
-        self.opt = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
+        params: Any = model.parameters()
+        if groups:  # one param group per unit, as the trainer builds them
+            from freezebench.freezer import param_groups
+            from freezebench.units import partition
+
+            probe = data.probe_batch(2, seed=0)[0]
+            part = partition(model, probe, "layer")
+            params = param_groups(part.units, part.other_params)
+        self.opt = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
                                    weight_decay=o.weight_decay)
 
     def epoch(self) -> float:
@@ -257,6 +272,16 @@ def bench_model(args: argparse.Namespace, model: str, steps: int, device: torch.
         if any(not torch.equal(a, p.detach()) for a, p in zip(init, t.model.parameters())):
             raise SystemExit(f"{model}: static f={f} trainer does not start from the same weights as the full one")
         frozen_trainers[f] = t
+    middle_trainers: dict[float, Trainer] = {}
+    for f in MIDDLE_FRACTIONS:  # SmartFRZ-style non-prefix freezing: a block of units in the middle
+        t = Trainer(cfg_full, data=data)
+        n_free = len(t.units) - 1
+        n = int(f * n_free)
+        start = (n_free - n) // 2
+        t.freezer.freeze(range(start, start + n), step=0, epoch=0.0, reason="benchmark: middle units")
+        middle_trainers[f] = t
+    # the bare loop with the trainer's optimiser layout (one param group per unit): what the groups cost
+    bare_groups = Bare(copy.deepcopy(full.model), cfg_full, data, steps, device, groups=True)
     del init
     cost = full.cost
     freezable = len(full.units) - 1
@@ -269,6 +294,8 @@ def bench_model(args: argparse.Namespace, model: str, steps: int, device: torch.
         "bare": bare.epoch,
         "trainer": lambda: trainer_epoch(full, steps),
         **{f"f{f:g}": (lambda t=t: trainer_epoch(t, steps)) for f, t in frozen_trainers.items()},
+        **{f"m{f:g}": (lambda t=t: trainer_epoch(t, steps)) for f, t in middle_trainers.items()},
+        "bare_groups": bare_groups.epoch,
         "data": lambda: data_only(data, steps, device),
     }
     names = list(variants)
@@ -289,6 +316,10 @@ def bench_model(args: argparse.Namespace, model: str, steps: int, device: torch.
     times: dict[str, list[float]] = {n: [] for n in names}
     others: dict[str, list[float | None]] = {n: [] for n in names}  # CPUs busy elsewhere meanwhile
     page_faults: dict[str, list[int]] = {n: [] for n in names}
+    # CPU seconds this process used per step: with one torch thread, the work done, nearly insensitive to
+    # other processes taking turns on the cores (wall time is not); it includes the untimed evaluation
+    # pass each variant runs after its epoch (the same small validation split for all)
+    cpu: dict[str, list[float]] = {n: [] for n in names}
     retried = 0
     spent = {"first": 0.0, "retry": 0.0}  # re-measuring may cost at most RETRY_SHARE of the measuring time
 
@@ -310,6 +341,7 @@ def bench_model(args: argparse.Namespace, model: str, steps: int, device: torch.
                 value, busy, faults = measure(variants[name])
                 spent["retry"] += time.perf_counter() - t_m
             times[name].append(value)
+            cpu[name].append(LAST_OWN_CPU_S / steps)
             others[name].append(busy)
             page_faults[name].append(faults)
         line = "  ".join(f"{n} {times[n][-1] * 1e3:7.1f}{'*' if busy_at(n, -1) else ' '}" for n in names)
@@ -337,6 +369,9 @@ def bench_model(args: argparse.Namespace, model: str, steps: int, device: torch.
     def best(a: str, b: str) -> float:  # ratio of the fastest rounds: least disturbed by other processes
         return min(times[a]) / min(times[b])
 
+    def paired_cpu(a: str, b: str) -> float:
+        return median([cpu[a][r] / cpu[b][r] for r in range(args.repeats)])
+
     bare_ms, trainer_ms = med("bare") * 1e3, med("trainer") * 1e3
     overhead = paired("trainer", "bare")
 
@@ -353,7 +388,25 @@ def bench_model(args: argparse.Namespace, model: str, steps: int, device: torch.
             "step_ms": med(f"f{f:g}") * 1e3, "measured_ratio": measured,
             "predicted_ratio": predicted, "efficiency": eff,
             "measured_ratio_of_minima": best(f"f{f:g}", "trainer"),
+            "measured_ratio_cpu": paired_cpu(f"f{f:g}", "trainer"),
         })
+
+    middle_rows = []
+    for f, t in middle_trainers.items():
+        frozen = sorted(t.freezer.frozen)
+        predicted = cost.step_flops(frozen) / cost.full_step_flops
+        measured = paired(f"m{f:g}", "trainer")
+        middle_rows.append({
+            "fraction": f, "frozen_units": frozen, "frozen_param_frac": t.freezer.frozen_param_fraction,
+            "step_ms": med(f"m{f:g}") * 1e3, "measured_ratio": measured, "predicted_ratio": predicted,
+            "efficiency": (1 - measured) / (1 - predicted) if predicted < 1 else None,
+            "measured_ratio_of_minima": best(f"m{f:g}", "trainer"),
+            "measured_ratio_cpu": paired_cpu(f"m{f:g}", "trainer"),
+        })
+    groups_ratio = paired("bare_groups", "bare")
+    for row in freeze_rows[1:] + middle_rows:
+        row["efficiency_cpu"] = ((1 - row["measured_ratio_cpu"]) / (1 - row["predicted_ratio"])
+                                 if row["predicted_ratio"] < 1 else None)
 
     print(f"-- {model}: (a) trainer overhead: bare {bare_ms:.1f} ms/step, trainer {trainer_ms:.1f} ms/step, "
           f"ratio {overhead:.3f} (target <= 1.03; fastest rounds {best('trainer', 'bare'):.3f}); "
@@ -363,16 +416,38 @@ def bench_model(args: argparse.Namespace, model: str, steps: int, device: torch.
         print("   WARNING: other processes kept the CPUs busy during most rounds; the figures use the least "
               "disturbed half of the rounds and are unreliable: rerun on a quieter machine", flush=True)
     print(f"-- {model}: (b) freeze speed-up vs cost model")
-    print(f"   {'frac':>5} {'frozen':>6} {'params':>7} {'ms/step':>8} {'measured':>9} {'predicted':>9} {'effic.':>7}")
+    print(f"   {'frac':>5} {'frozen':>6} {'params':>7} {'ms/step':>8} {'measured':>9} {'predicted':>9} {'effic.':>7}"
+          f" {'cpu-time':>9} {'effic.':>7}")
     for row in freeze_rows:
         eff = "-" if row["efficiency"] is None else f"{row['efficiency']:.2f}"
+        mc = row.get("measured_ratio_cpu", 1.0)
+        ec = "-" if row.get("efficiency_cpu") is None else f"{row['efficiency_cpu']:.2f}"
         print(f"   {row['fraction']:>5.2f} {row['frozen_units']:>6} {row['frozen_param_frac']:>7.1%} "
-              f"{row['step_ms']:>8.1f} {row['measured_ratio']:>9.3f} {row['predicted_ratio']:>9.3f} {eff:>7}",
-              flush=True)
+              f"{row['step_ms']:>8.1f} {row['measured_ratio']:>9.3f} {row['predicted_ratio']:>9.3f} {eff:>7}"
+              f" {mc:>9.3f} {ec:>7}", flush=True)
+
+    print(f"-- {model}: (c) non-prefix (middle) freezing vs cost model")
+    for row in middle_rows:
+        eff = "-" if row["efficiency"] is None else f"{row['efficiency']:.2f}"
+        print(f"   {row['fraction']:>5.2f} units {row['frozen_units'][0]}..{row['frozen_units'][-1]} "
+              f"{row['frozen_param_frac']:>7.1%} {row['step_ms']:>8.1f} ms  measured {row['measured_ratio']:.3f} "
+              f"predicted {row['predicted_ratio']:.3f} efficiency {eff}; cpu-time {row['measured_ratio_cpu']:.3f} "
+              f"efficiency {row['efficiency_cpu']:.2f}", flush=True)
+    print(f"-- {model}: (d) one param group per unit vs one group (bare loops): ratio {groups_ratio:.3f}, "
+          f"cpu-time {paired_cpu('bare_groups', 'bare'):.3f}", flush=True)
+    print(f"-- {model}: cpu-time per step (ms): " + ", ".join(f"{n} {median(cpu[n]) * 1e3:.1f}" for n in names)
+          + f"; trainer/bare cpu-time {paired_cpu('trainer', 'bare'):.3f}", flush=True)
 
     return {
         "steps": steps,
         "units": len(full.units),
+        "middle": middle_rows,
+        "param_groups_ratio": groups_ratio,
+        "param_groups_ratio_cpu": paired_cpu("bare_groups", "bare"),
+        "overhead_ratio_cpu": paired_cpu("trainer", "bare"),
+        "cpu_ms_per_step": {n: median(cpu[n]) * 1e3 for n in names},
+        "raw_cpu_s_per_step": cpu,
+        "bare_groups_ms_per_step": med("bare_groups") * 1e3,
         "freezable_units": freezable,
         "forward_gflops_per_sample": cost.forward_flops() / 1e9,
         "full_step_gflops_per_sample": cost.full_step_flops / 1e9,

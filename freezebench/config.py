@@ -87,6 +87,10 @@ class TrainerConfig:
     output_dir: str = "outputs"  # local folder for checkpoints and run files
     save_checkpoint: bool = True  # write the final weights to <output_dir>/<run id or name>/final.pt
     checkpoint_every: int = 1  # write the full training state to <output_dir>/<run>/last.pt every N epochs (resume); 0: never
+    cache_frozen_prefix: bool = False  # store the frozen prefix's outputs per sample and skip its forward (no random augmentation)
+    cache_dtype: str = "bf16"  # precision of the stored prefix outputs: bf16 | fp16 | fp32 (fp32: training identical to no cache)
+    cache_location: str = "device"  # where they are kept: device (its memory) | cpu (host memory, prefetched) | disk (memory-mapped)
+    cache_dir: str | None = None  # cache_location=disk: folder for the memory-mapped files (default: a temporary folder)
 
 
 @dataclass
@@ -119,6 +123,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.name": ("sgd", "adamw"),
     "schedule.name": ("cosine", "constant", "step"),
     "trainer.precision": ("fp32", "bf16", "fp16"),
+    "trainer.cache_dtype": ("bf16", "fp16", "fp32"),
+    "trainer.cache_location": ("device", "cpu", "disk"),
 }
 
 

@@ -38,6 +38,7 @@ from . import distributed
 from .config import flatten, to_yaml
 from .cost import CostModel
 from .data import DataBundle, build_data
+from .cache import PrefixCache
 from .errors import ConfigError, NonFiniteLossError, TrainingInterrupted
 from .fileio import atomic_torch_save
 from .freezer import FreezeEvent, Freezer, param_groups
@@ -177,6 +178,7 @@ class Trainer:
         self._final_accounting: dict[str, Any] | None = None
         self._resumed = self._load_resume()  # may set tracking.run_id: a resumed run continues its MLflow run
         self.tracker: NullTracker = make_tracker(cfg.tracking) if self.rank == 0 else NullTracker()
+        self.cache: PrefixCache | None = self._build_cache()
 
     # --- names ---------------------------------------------------------------------------------------
     @property
@@ -211,6 +213,38 @@ class Trainer:
         for g in self.optimizer.param_groups:
             scale = self.lr_override.get(g.get("unit", -1))
             g["lr"] = g["base_lr"] * (factor if scale is None else scale)
+
+    def _build_cache(self) -> PrefixCache | None:
+        """The frozen-prefix cache when ``trainer.cache_frozen_prefix`` (refused under random augmentation)."""
+        tc = self.cfg.trainer
+        if not tc.cache_frozen_prefix:
+            return None
+        if self.world_size > 1:
+            raise ConfigError("trainer.cache_frozen_prefix is not supported under DDP (several processes) yet; "
+                              "set trainer.cache_frozen_prefix=false")
+        if self.data.info.random_augmentation:
+            raise ConfigError(
+                f"trainer.cache_frozen_prefix needs the same training input every epoch, but {self.data.info.name} "
+                f"uses random augmentation; set data.augment=false or trainer.cache_frozen_prefix=false"
+            )
+        return PrefixCache(self.model, self.units, self.data.train.num_samples, dtype=tc.cache_dtype,
+                           location=tc.cache_location, folder=tc.cache_dir, device=self.device, cost=self.cost,
+                           channels_last=tc.channels_last and self.device.type == "cuda")
+
+    def _train_batches(self) -> Any:
+        """The training loader (read ahead by the cache when it gathers from host memory or disk)."""
+        if self.cache is None:
+            return self.data.train
+        return self.cache.batches(self.data.train)
+
+    def _forward(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The model's training forward pass; through the frozen-prefix cache when there is one, which also
+        sets ``step_cost`` to this step's FLOPs per sample (skipped prefix forwards are not counted)."""
+        if self.cache is None:
+            return self.train_model(x)
+        out = self.cache.forward(x, idx, self.freezer.frozen)
+        self.step_cost = self.cache.last_flops_per_sample
+        return out
 
     def probe(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._probe is None:
@@ -392,7 +426,7 @@ class Trainer:
                     x = x.contiguous(memory_format=torch.channels_last)
                 self._set_lr(self.step)
                 with self._autocast():
-                    out = self.train_model(x)
+                    out = self._forward(x, idx)
                 losses = F.cross_entropy(out.float(), y, reduction="none")
                 loss = losses.mean()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -454,6 +488,8 @@ class Trainer:
                 "data/samples_per_epoch": float(samples),
             }
             m.update({f"policy/{k}": float(v) for k, v in self.policy.epoch_metrics().items()})
+            if self.cache is not None:
+                m.update(self.cache.metrics())
             m = {k: v for k, v in m.items() if not (isinstance(v, float) and math.isnan(v))}
             history.append(m)
             self.tracker.log_metrics(m, step=epoch + 1)
@@ -524,7 +560,7 @@ class Trainer:
         The ``skip`` batches a stopped run had consumed are drawn again (not trained on), so the randomness of
         augmentation stays in step; then the random states saved with the checkpoint are restored.
         """
-        it = iter(self.data.train)
+        it = iter(self._train_batches())
         for _ in zip(range(skip), it):
             pass
         if self._pending_rng is not None:

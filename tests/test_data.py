@@ -125,3 +125,25 @@ def test_imagefolder(tmp_path):
     d = build_data(cfg(name="imagefolder", root=str(tmp_path), image_size=16, batch_size=4, augment=True),
                    seed=0, device="cpu")
     assert torch.equal(d.probe_batch(4, seed=0)[0], d.probe_batch(4, seed=0)[0])
+
+
+def test_augmentation_is_fixed_per_epoch_but_changes_between_epochs():
+    """Why the frozen-prefix cache refuses random augmentation: a sample's input differs from epoch to epoch."""
+    from freezebench.data import TensorLoader
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(12, 3, 8, 8, generator=g), torch.arange(12) % 3
+    loader = TensorLoader(x, y, 4, shuffle=True, seed=1, augment=True)
+
+    def inputs(epoch: int) -> torch.Tensor:
+        loader.set_epoch(epoch)
+        out = torch.empty_like(x)
+        for xb, _, idx in loader:
+            out[idx] = xb
+        return out
+
+    assert torch.equal(inputs(0), inputs(0))  # deterministic per (seed, epoch): resumable
+    assert not torch.equal(inputs(0), inputs(1))  # but not the same input every epoch
+    plain = TensorLoader(x, y, 4, shuffle=True, seed=1, augment=False)
+    plain.set_epoch(1)
+    assert torch.equal(torch.cat([xb for xb, _, _ in plain]), x[torch.cat([i for _, _, i in plain])])
