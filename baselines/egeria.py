@@ -51,9 +51,24 @@ once per refresh. ``bf16`` rounds every floating parameter to bfloat16; ``fp32``
 
 Defaults (ours; the paper evaluates plasticity every few iterations over long runs and gives no values for
 a 10-epoch run): ``checks_per_epoch = 4``, ``bootstrap_epochs = 1``, ``refresh_every = 2`` epochs,
-``window = 4`` checks, ``patience = 2`` checks, ``tolerance = 5e-4`` per check. The tolerance is in the
-units of the SP loss (at most ``4 / b``: 0.0625 for the 64-input probe batch). See the issue note for the
-measured comparison on the default data.
+``window = 4`` checks, ``patience = 2`` checks, ``tolerance = 1e-4`` per check. The tolerance is in the
+units of the SP loss (at most ``4 / b``: 0.0625 for the 64-input probe batch). On the default job
+(resnet20, digits, 10 epochs, seed 0) the plasticity against a 1-epoch-old reference grows by 1e-4 to
+2e-3 per check in epoch 2 for the units past the first, and by under 1e-4 from epoch 4 on; the first
+conv unit stays near 0 throughout. A small tolerance sweep on that job (val/acc, saving =
+``cost/saving_frac``, frozen of 19 freezable units):
+
+    =========  ========  ======  ======
+    tolerance  val/acc   saving  frozen
+    =========  ========  ======  ======
+    5e-5       0.9889    19.4%   14
+    **1e-4**   0.9889    24.6%   16
+    2e-4       0.9889    24.6%   16
+    =========  ========  ======  ======
+
+(``full``: 0.9944.) The first freeze comes at epoch 2.27, the earliest the rule allows: the reference of
+epoch 1 is consumed at the next check, then ``window`` values and ``patience`` checks are needed. One
+seed on one small data set: re-tune on the target setting. See the issue note for the 3-seed comparison.
 
 Determinism: with ``asynchronous = true`` the check at which a new reference is first used depends on
 when the worker finishes (normally the next check: one CPU forward of the probe batch); ``asynchronous =
@@ -65,6 +80,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -89,7 +105,7 @@ class EgeriaConfig(PolicyConfig):
     bootstrap_epochs: int = 1  # the first reference is taken after this many epochs
     refresh_every: int = 2  # epochs between reference refreshes after the bootstrap
     window: int = 4  # checks over which the plasticity slope is fitted (least squares), >= 2
-    tolerance: float = 5e-4  # a unit is converged at a check when |slope of its plasticity| <= this (per check)
+    tolerance: float = 1e-4  # a unit is converged at a check when |slope of its plasticity| <= this (per check)
     patience: int = 2  # consecutive converged checks before the front-most active unit freezes
     precision: str = "int8"  # reference model: int8 (per-channel weights) | bf16 | fp32
     asynchronous: bool = True  # build and run the reference in a background CPU thread (false: inline, reproducible)
@@ -167,6 +183,12 @@ def reference_grams(skeleton: nn.Module, state: dict[str, torch.Tensor], precisi
     return {u: sp_gram(a) for u, a in acts.items()}
 
 
+def _timed(job: Any, args: tuple) -> tuple[dict[int, torch.Tensor], float]:
+    t0 = time.perf_counter()
+    out = job(*args)
+    return out, time.perf_counter() - t0
+
+
 # --------------------------------------------------------------------------------------------------------
 # the policy
 # --------------------------------------------------------------------------------------------------------
@@ -221,6 +243,7 @@ class Egeria(FreezePolicy):
         self._last_check = 0
         self.unfreezes = 0
         self.pending_checks = 0  # checks at which a submitted reference was not ready yet
+        self.reference_s = 0.0  # seconds the reference jobs took (in the background when asynchronous)
 
     # --- timing ----------------------------------------------------------------------------------------
     def observe_at(self, step: int) -> bool:
@@ -241,7 +264,8 @@ class Egeria(FreezePolicy):
         if not self.pending.done():
             self.pending_checks += 1
             return
-        grams = self.pending.result()
+        grams, seconds = self.pending.result()
+        self.reference_s += seconds
         self.pending, step = None, self._pending_step
         dev = torch.device(self.plan.device) if self.plan is not None else torch.device("cpu")
         self.ref = {u: g.to(dev) for u, g in grams.items()}
@@ -267,10 +291,10 @@ class Egeria(FreezePolicy):
         if self.cfg.asynchronous:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="egeria-reference")
-            self.pending = self._executor.submit(type(self)._job, *args)
+            self.pending = self._executor.submit(_timed, type(self)._job, args)
         else:
             f: Future = Future()
-            f.set_result(type(self)._job(*args))
+            f.set_result(_timed(type(self)._job, args))
             self.pending = f
         self._pending_step = step
         self.submitted += 1
@@ -318,9 +342,12 @@ class Egeria(FreezePolicy):
             f"(reference {self.ref_version}, weights of step {self.ref_step}, {c.precision})"))
 
     def epoch_metrics(self) -> dict[str, float]:
-        """Mean latest plasticity of the tracked units, references used, checks a reference was pending."""
+        """Mean latest plasticity of the tracked units, references used so far, checks at which a reference
+        was still pending, and the seconds the reference jobs took (background CPU work when asynchronous,
+        not part of ``time/policy_s``)."""
         latest = [h[-1] for i, h in self.histories.items() if h and i not in self.frozen]
-        out = {"reference_version": float(self.ref_version), "reference_pending_checks": float(self.pending_checks)}
+        out = {"reference_version": float(self.ref_version), "reference_pending_checks": float(self.pending_checks),
+               "reference_s": self.reference_s}
         if latest:
             out["plasticity_mean"] = sum(latest) / len(latest)
         return out
