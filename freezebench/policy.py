@@ -60,7 +60,8 @@ class Plan:
     base_lr: float  # optim.lr: the learning rate that per-unit factors multiply
     seed: int
     device: str = "cpu"
-    lr_drops: tuple[int, ...] = ()  # steps at which a step schedule drops the global learning rate (else empty)
+    # step schedule: completed-step counts after which the global learning rate is lower (empty otherwise)
+    lr_drops: tuple[int, ...] = ()
 
     @property
     def total_steps(self) -> int:
