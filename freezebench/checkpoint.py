@@ -215,6 +215,9 @@ def build_payload(tr: Any, *, epoch: int, batch: int, epoch_acc: dict[str, Any] 
         "scaler": tr.scaler.state_dict() if tr.scaler is not None else None,
         "freezer": tr.freezer.state_dict(),
         "policy": tr.policy.state_dict(),
+        # trainer features with state of their own (sparse masks, the sieve's partial set); None when off
+        "sparsity": tr.sparsity.state_dict() if getattr(tr, "sparsity", None) is not None else None,
+        "sieve": tr.sieve.state_dict() if getattr(tr, "sieve", None) is not None else None,
         "lr_override": {int(k): float(v) for k, v in tr.lr_override.items()},
         "lr_factor": float(getattr(tr, "current_lr_factor", 1.0)),
         "position": {"step": int(tr.step), "epoch": int(epoch), "batch": int(batch), "world_size": int(world_size)},
@@ -234,6 +237,14 @@ def restore(tr: Any, payload: Mapping[str, Any], path: str | Path) -> None:
         tr.policy.notify_frozen(frozenset(tr.freezer.frozen))
         tr.policy.load_state_dict(payload["policy"])
         tr.optimizer.load_state_dict(payload["optimizer"])
+        for feature in ("sparsity", "sieve"):
+            obj, state = getattr(tr, feature, None), payload.get(feature)
+            if (obj is None) != (state is None):
+                raise CheckpointError(f"checkpoint {str(path)!r}: {feature} is "
+                                      f"{'on' if state is not None else 'off'} in the checkpoint but "
+                                      f"{'on' if obj is not None else 'off'} in this run's config")
+            if obj is not None:
+                obj.load_state_dict(state)  # after the optimiser: masks zero its restored state too
     except CheckpointError:
         raise
     except Exception as e:  # shapes, keys, a policy refusing its state: the file does not fit this run

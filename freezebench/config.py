@@ -34,6 +34,14 @@ class ModelConfig:
 
 
 @dataclass
+class SieveConfig:
+    enabled: bool = False  # data sieving (SpFDE): train on a partial set that rotates by training loss
+    ratio: float = 0.8  # partial set size as a fraction of the training set, in (0, 1]
+    period: int = 1  # sieving period in epochs: the partial set is updated every `period` epochs
+    swap: float = 1.0  # share of the removed set brought back (and of easiest partial samples removed) per period, (0, 1]
+
+
+@dataclass
 class DataConfig:
     name: str = "digits"  # digits (embedded default) | cifar10 | cifar100 | imagefolder | synthetic
     root: str = "./data"  # folder holding CIFAR / ImageFolder data
@@ -50,6 +58,7 @@ class DataConfig:
     synthetic_classes: int = 4  # synthetic: number of classes
     synthetic_size: int = 8  # synthetic: image side in pixels
     synthetic_channels: int = 3  # synthetic: image channels
+    sieve: SieveConfig = field(default_factory=SieveConfig)  # data sieving: the `data.sieve.*` keys below
 
 
 @dataclass
@@ -69,6 +78,18 @@ class ScheduleConfig:
     min_lr_factor: float = 0.0  # cosine: final lr as a fraction of optim.lr
     milestones: list[float] = field(default_factory=list)  # step: epochs at which lr is multiplied by gamma
     gamma: float = 0.1  # step: multiplicative decay at each milestone
+
+
+@dataclass
+class SparsityConfig:
+    enabled: bool = False  # sparse training: unstructured weight masks on conv / linear weights
+    sparsity: float = 0.8  # target fraction of masked (zero) weights over the masked layers, in [0, 1)
+    distribution: str = "erk"  # per-layer densities: uniform | erk (Erdos-Renyi-Kernel, Evci et al. 2020)
+    mask_every: int = 100  # prune-by-magnitude and regrow every N optimiser steps (0: fixed random mask)
+    update_fraction: float = 0.1  # share of each layer's kept weights pruned and regrown at a mask update
+    update_until: float = 0.75  # no mask updates after this fraction of training (masks then fixed)
+    dense_head: bool = True  # keep the classifier head dense (common sparse-training practice)
+    seed: int | None = None  # seed of the random masks and regrowth (default: trainer.seed)
 
 
 @dataclass
@@ -113,6 +134,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
     policy: Any = field(default_factory=PolicyConfig)  # the chosen policy's own Config dataclass
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     resume: str | None = None  # continue training from a last.pt checkpoint path, or auto: the newest unfinished one of this config under trainer.output_dir (none: start afresh)
@@ -125,6 +147,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "trainer.precision": ("fp32", "bf16", "fp16"),
     "trainer.cache_dtype": ("bf16", "fp16", "fp32"),
     "trainer.cache_location": ("device", "cpu", "disk"),
+    "sparsity.distribution": ("uniform", "erk"),
 }
 
 
@@ -218,6 +241,9 @@ def load_config(overrides: list[str] | None = None, preset: str | None = None) -
     base.policy = _policy_node(policy_name)
     OmegaConf.set_struct(base, True)
     try:
+        # trainer features the policy is defined with (FreezePolicy.config_defaults), under preset and CLI
+        for key, value in getattr(_policy_class(policy_name), "config_defaults", {}).items():
+            OmegaConf.update(base, key, value, merge=True)
         if preset_cfg is not None:
             preset_cfg = preset_cfg.copy()
             if "policy" in preset_cfg:
@@ -284,6 +310,22 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.device={dev!r}: use auto, cpu, cuda or cuda:N")
     if len(cfg.optim.betas) != 2:
         raise ConfigError("optim.betas must have two values")
+    sp = cfg.sparsity
+    if not 0.0 <= sp.sparsity < 1.0:
+        raise ConfigError(f"sparsity.sparsity must be in [0, 1), got {sp.sparsity}")
+    if sp.mask_every < 0:
+        raise ConfigError(f"sparsity.mask_every must be >= 0 steps (0: fixed mask), got {sp.mask_every}")
+    if not 0.0 <= sp.update_fraction <= 1.0:
+        raise ConfigError(f"sparsity.update_fraction must be in [0, 1], got {sp.update_fraction}")
+    if not 0.0 <= sp.update_until <= 1.0:
+        raise ConfigError(f"sparsity.update_until must be in [0, 1], got {sp.update_until}")
+    sv = cfg.data.sieve
+    if not 0.0 < sv.ratio <= 1.0:
+        raise ConfigError(f"data.sieve.ratio must be in (0, 1], got {sv.ratio}")
+    if sv.period < 1:
+        raise ConfigError(f"data.sieve.period must be >= 1 epoch, got {sv.period}")
+    if not 0.0 < sv.swap <= 1.0:
+        raise ConfigError(f"data.sieve.swap must be in (0, 1], got {sv.swap}")
     cls = _policy_class(cfg.policy.name)
     check = getattr(cls, "validate_config", None)
     if check is not None:
@@ -328,8 +370,9 @@ def reference_rows(cls: type) -> list[tuple[str, str, str]]:
 
 def reference_markdown() -> str:
     """The config reference as Markdown tables (the README's "Configuration reference")."""
-    groups = [("model", ModelConfig), ("data", DataConfig), ("optim", OptimConfig),
-              ("schedule", ScheduleConfig), ("trainer", TrainerConfig), ("tracking", TrackingConfig)]
+    groups = [("model", ModelConfig), ("data", DataConfig), ("data.sieve", SieveConfig), ("optim", OptimConfig),
+              ("schedule", ScheduleConfig), ("trainer", TrainerConfig), ("sparsity", SparsityConfig),
+              ("tracking", TrackingConfig)]
     out = ["**top level**\n\n| key | default | meaning |\n|---|---|---|"]
     for key, default, comment in reference_rows(Config):
         if key not in {g for g, _ in groups} | {"policy"}:

@@ -37,6 +37,7 @@ class Signal(enum.Enum):
     GRADS = "grads"  # the active units' gradients of the step just taken, before they are cleared
     ACTIVATIONS = "activations"  # each requested unit's output on the fixed probe batch (eval mode, no grad)
     SAMPLE_LOSSES = "sample_losses"  # per-sample training losses of the last batch, with dataset indices
+    MODEL = "model"  # read access to the whole training model (a policy keeping its own copy: Egeria's reference)
 
 
 def epoch_check_offsets(steps_per_epoch: int, checks_per_epoch: int) -> list[int]:
@@ -59,6 +60,8 @@ class Plan:
     base_lr: float  # optim.lr: the learning rate that per-unit factors multiply
     seed: int
     device: str = "cpu"
+    # step schedule: completed-step counts after which the global learning rate is lower (empty otherwise)
+    lr_drops: tuple[int, ...] = ()
 
     @property
     def total_steps(self) -> int:
@@ -86,6 +89,7 @@ class Signals:
     probe_inputs: torch.Tensor | None = None  # the fixed probe batch the activations were computed on
     sample_losses: torch.Tensor | None = None  # (batch,) losses of the last training batch (detached)
     sample_indices: torch.Tensor | None = None  # (batch,) dataset indices of those samples
+    model: torch.nn.Module | None = None  # the training model (``Signal.MODEL``; read only: do not modify)
 
     def weights(self, unit: int) -> list[torch.Tensor]:
         """The unit's parameters, detached (views, not copies: do not modify)."""
@@ -134,6 +138,11 @@ class FreezePolicy:
     granularity: ClassVar[str] = "layer"
     #: the policy's config dataclass (must subclass PolicyConfig)
     Config: ClassVar[type[PolicyConfig]] = PolicyConfig
+    #: trainer features the method is defined with, as dotted config keys -> values (SpFDE:
+    #: ``{"sparsity.enabled": True, "data.sieve.enabled": True}``). ``load_config`` applies them over the
+    #: built-in defaults, so a preset or the command line still overrides them and the resolved config
+    #: (logged with every run) shows what ran.
+    config_defaults: ClassVar[Mapping[str, Any]] = {}
 
     def __init__(self, cfg: Any = None):
         self.cfg = cfg if cfg is not None else self.Config(name=self.name)

@@ -516,17 +516,38 @@ def svcca(X: Tensor, Y: Tensor, keep_variance: float = 0.99, k: int | None = Non
 # --------------------------------------------------------------------------------------------------------
 
 
+def _normalised_gram(t: Tensor) -> Tensor:
+    g = t @ t.mT
+    norms = torch.linalg.vector_norm(g, dim=-1, keepdim=True)
+    # a zero activation gives a zero row, which stays zero
+    return g / norms.clamp_min(torch.finfo(torch.float64).tiny)
+
+
 def _sp_loss(a: Tensor, b: Tensor) -> Tensor:
     """SP loss of (..., n, d) and (..., n, d') float64 activations -> (...)."""
     n = a.shape[-2]
+    return _fro2(_normalised_gram(a) - _normalised_gram(b)) / (n * n)
 
-    def normalised_gram(t: Tensor) -> Tensor:
-        g = t @ t.mT
-        norms = torch.linalg.vector_norm(g, dim=-1, keepdim=True)
-        # a zero activation gives a zero row, which stays zero
-        return g / norms.clamp_min(torch.finfo(torch.float64).tiny)
 
-    return _fro2(normalised_gram(a) - normalised_gram(b)) / (n * n)
+@torch.no_grad()
+def sp_gram(A: Tensor) -> Tensor:
+    """``row_l2_normalise(A A^T)`` (float64, on A's device): one side of the SP loss, for caching.
+
+    ``sp_loss(A, B) == sp_loss_from_grams(sp_gram(A), sp_gram(B))``; a policy comparing against a fixed
+    reference keeps the reference's b x b gram instead of its activations.
+    """
+    a = _flatten(A, "A")
+    if a.shape[0] < 1:
+        raise SimilarityError("SP loss needs at least 1 input")
+    return _normalised_gram(a)
+
+
+def sp_loss_from_grams(G: Tensor, H: Tensor) -> float:
+    """SP loss from two :func:`sp_gram` matrices of the same b inputs: ``||G - H||_F^2 / b^2``."""
+    if G.shape != H.shape or G.dim() != 2 or G.shape[0] != G.shape[1]:
+        raise SimilarityError(f"SP grams must be equal square matrices, got {tuple(G.shape)} and {tuple(H.shape)}")
+    n = G.shape[0]
+    return float(_fro2(G.double() - H.to(G.device, torch.float64)) / (n * n))
 
 
 @torch.no_grad()

@@ -44,6 +44,8 @@ from .fileio import atomic_torch_save
 from .freezer import FreezeEvent, Freezer, param_groups
 from .policy import Decision, FreezePolicy, Plan, Signal, Signals
 from .registry import MODELS, POLICIES
+from .sieve import sieve_data
+from .sparsity import build_sparsity
 from .tracking import NullTracker, check_reachable, csv_text, git_commit, make_tracker, resolve_uri
 from .units import Partition, capture_outputs, partition
 
@@ -134,7 +136,12 @@ class Trainer:
             raise ConfigError("trainer.precision=fp16 needs CUDA; use bf16 or fp32 on CPU")
         seed_everything(tc.seed, tc.deterministic)
         self.data = data if data is not None else build_data(cfg.data, seed=tc.seed, device=self.device)
+        # data sieving (data.sieve.*): the training loader iterates over the sieve's partial set
+        self.data, self.sieve = sieve_data(cfg.data.sieve, self.data, seed=tc.seed, device=self.device)
         if self.dist is not None:  # this rank's shard of every epoch
+            if self.sieve is not None:
+                raise ConfigError("data.sieve is not supported under DDP (several processes) yet; "
+                                  "set data.sieve.enabled=false")
             self.data = distributed.shard_data(self.data, self.dist)
         info = self.data.info
         if model is None:
@@ -161,8 +168,18 @@ class Trainer:
         steps = len(self.data.train)
         if tc.max_steps_per_epoch:
             steps = min(steps, tc.max_steps_per_epoch)
+        drops = ()
+        if cfg.schedule.name == "step":
+            drops = tuple(sorted({math.ceil(m * steps) for m in cfg.schedule.milestones if 0 < m * steps}))
         self.plan = Plan(epochs=tc.epochs, steps_per_epoch=steps, batch_size=cfg.data.batch_size,
-                         base_lr=cfg.optim.lr, seed=tc.seed, device=str(self.device))
+                         base_lr=cfg.optim.lr, seed=tc.seed, device=str(self.device), lr_drops=drops)
+        # sparse training (sparsity.*): masks on conv / linear weights; the cost model counts their density
+        self.dense_full_step_flops = self.cost.full_step_flops
+        self.sparsity = build_sparsity(cfg.sparsity, self.model, self.units, self.optimizer, self.plan.total_steps,
+                                       tc.seed)
+        if self.sparsity is not None:
+            self.cost = CostModel(self.sparsity.unit_flops(self.model, self.units, probe_x),
+                                  self.partition.other_flops)
         self.policy.setup(self.units, self.plan)
         self.needs = frozenset(type(policy).needs)
         self.lr_override: dict[int, float] = {}
@@ -266,6 +283,8 @@ class Trainer:
             s.sample_losses, s.sample_indices = losses.detach(), idx
             if self.dist is not None:  # the global batch: every rank's policy sees the same signal
                 s.sample_losses, s.sample_indices = (distributed.all_gather_cat(t) for t in (losses.detach(), idx))
+        if Signal.MODEL in self.needs:
+            s.model = self.model
         return s
 
     def apply(self, decision: Decision | None, step: int) -> list[FreezeEvent]:
@@ -372,7 +391,7 @@ class Trainer:
         plan = self.plan
         bar_enabled = tc.progress and self.rank == 0
         self.step_cost = self.cost.step_flops(self.freezer.frozen)
-        full_cost = self.cost.full_step_flops
+        full_cost = self.dense_full_step_flops  # dense and unfrozen: what `full` training spends per sample
         tflops = tflops_full = 0.0
         history: list[dict[str, float]] = []
         t_start = time.perf_counter()
@@ -438,6 +457,10 @@ class Trainer:
                     loss.backward()
                     self.optimizer.step()
                 self.step += 1
+                if self.sparsity is not None:
+                    self.sparsity.after_step(self.step)  # masked weights and their optimiser state back to 0
+                if self.sieve is not None:
+                    self.sieve.record(idx, losses.detach())  # per-sample losses of this forward, for sieving
                 n = len(y)
                 samples += n
                 loss_sum += losses.detach().sum()
@@ -487,6 +510,8 @@ class Trainer:
                 "lr": self.current_lr_factor * self.cfg.optim.lr,
                 "data/samples_per_epoch": float(samples),
             }
+            if self.sparsity is not None:
+                m["sparsity/density"] = self.sparsity.density()
             m.update({f"policy/{k}": float(v) for k, v in self.policy.epoch_metrics().items()})
             if self.cache is not None:
                 m.update(self.cache.metrics())

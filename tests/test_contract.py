@@ -33,6 +33,11 @@ SETTINGS: dict[str, dict] = {
     # {weights}: a predictor file that always predicts "freeze" (fixture below)
     "smartfrz": {"overrides": ["policy.weights={weights}", "policy.window=2", "policy.record_every=1"],
                  "freezes": True},
+    # inline reference (reproducible); every check is within tolerance once two plasticity values exist
+    "egeria": {"overrides": ["policy.asynchronous=false", "policy.checks_per_epoch=4", "policy.window=2",
+                             "policy.patience=1", "policy.tolerance=1.0"], "freezes": True},
+    # runs sparse and sieved (its config_defaults); a high target makes freezing start early enough
+    "spfde": {"overrides": ["policy.target_flops_reduction=0.3", "policy.interval_epochs=0.25"], "freezes": True},
 }
 
 
