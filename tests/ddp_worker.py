@@ -2,12 +2,15 @@
 
     python -m torch.distributed.run --nproc_per_node 2 tests/ddp_worker.py DUMP_DIR train <overrides...>
 
-After the fit, rank r writes DUMP_DIR/rank{r}.pt: its model state, frozen units, freeze events, the cost
+With FB_SIGNAL_AT_STEP=N in the environment, rank 0 sends itself SIGTERM right after step N (the ranks must
+agree to stop at one step boundary). After the fit, rank r writes DUMP_DIR/rank{r}.pt: its model state, frozen units, freeze events, the cost
 model's full-step FLOPs and its shard of the first epoch.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -33,4 +36,14 @@ if __name__ == "__main__":
         return result
 
     Trainer.fit = fit_and_dump
+    at = int(os.environ.get("FB_SIGNAL_AT_STEP", "0"))
+    if at:
+        tick = Trainer._policy_tick
+
+        def tick_then_signal(self, s, *args):
+            tick(self, s, *args)
+            if s == at and self.rank == 0:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        Trainer._policy_tick = tick_then_signal
     sys.exit(cli.main(sys.argv[2:]))

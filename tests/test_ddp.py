@@ -29,8 +29,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(nproc: int, dump: Path, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+def _torchrun(nproc: int, dump: Path, args: list[str], cwd: Path, **extra_env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent), **extra_env}
     env.pop("MLFLOW_RUN_ID", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
            "127.0.0.1", "--master_port", str(_free_port()), str(HERE / "ddp_worker.py"), str(dump), "train", *args]
@@ -73,6 +73,21 @@ def test_two_gloo_processes_freeze_the_same_units_and_end_identical(mlflow_uri, 
     [last] = list((tmp_path / "outputs").glob("*/last.pt"))
     saved = ckpt.read(last)
     assert saved["position"]["world_size"] == 2 and len(saved["rng"]) == 2 and saved["finished"]
+
+    # SIGTERM on rank 0 mid-epoch 2: both ranks stop at one step boundary, rank 0 checkpoints; torchrun resumes
+    (tmp_path / "cut").mkdir()
+    cut = [*args[:-1], "tracking.run_name=ddp-cut", "trainer.check_finite_every=1"]
+    proc = _torchrun(2, tmp_path / "cut", cut, tmp_path, FB_SIGNAL_AT_STEP="6")
+    assert proc.returncode != 0 and "SIGTERM: stopped at step 6 (epoch 2, batch 2)" in proc.stderr, proc.stderr[-3000:]
+    proc = _torchrun(2, tmp_path / "cut", [*cut, "resume=auto"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reference = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    for r in range(2):
+        resumed = torch.load(tmp_path / "cut" / f"rank{r}.pt", weights_only=True)
+        assert all(torch.equal(v, resumed["state"][k]) for k, v in reference["state"].items())
+        assert resumed["events"] == reference["events"]
+    strip = [{k: v for k, v in h.items() if not k.startswith(("time/", "mem/"))} for h in reference["history"]]
+    assert [{k: v for k, v in h.items() if not k.startswith(("time/", "mem/"))} for h in resumed["history"]] == strip
 
 
 @pytest.mark.gpu
