@@ -146,6 +146,11 @@ def test_policy_contract(name, mlflow_uri, tiny_overrides, reference_checkpoint,
 TIMING = ("time/", "mem/")  # wall-clock figures differ between runs; everything else must not
 
 
+def _untimed(h: dict) -> dict:
+    """A history row without wall-clock figures (``time/*``, ``mem/*`` and seconds a policy reports, ``*_s``)."""
+    return {k: v for k, v in h.items() if not (k.startswith(TIMING) or k.endswith("_s"))}
+
+
 @pytest.mark.parametrize("name", POLICIES.names())
 def test_policy_resumes_exactly(name, tiny_overrides, tmp_path, reference_checkpoint, always_freeze_predictor):
     """Stopped mid-epoch (SIGTERM's path: checkpoint at the step boundary) and resumed from last.pt, a run ends
@@ -175,7 +180,6 @@ def test_policy_resumes_exactly(name, tiny_overrides, tmp_path, reference_checkp
     result = resumed.fit()
 
     assert all(torch.equal(v, resumed.model.state_dict()[k]) for k, v in ref.model.state_dict().items())
-    strip = [{k: v for k, v in h.items() if not k.startswith(TIMING)} for h in expected.history]
-    assert [{k: v for k, v in h.items() if not k.startswith(TIMING)} for h in result.history] == strip
+    assert [_untimed(h) for h in result.history] == [_untimed(h) for h in expected.history]
     assert result.events == expected.events
     assert repr(resumed.policy.state_dict()) == repr(ref.policy.state_dict())
