@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 
 from .space import SweepError
@@ -51,14 +52,45 @@ def open_storage(url: str | None) -> Any:
             f"storage {redact(url)!r} is not a database URL or journal file: use sqlite:///optuna.db, "
             f"postgresql://user:pass@host/db, or journal:///path/study.log"
         )
+    url = _with_driver(url)
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(scheme))
-    except ModuleNotFoundError as e:
+        for attempt in range(6):
+            try:
+                return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(scheme))
+            except ImportError:
+                raise
+            except Exception as e:
+                # workers starting together on a fresh database race to create the tables (PostgreSQL:
+                # "duplicate key ... pg_type_typname_nsp_index"): the tables exist on the next attempt
+                if attempt == 5 or not _creation_race(e):
+                    raise
+                time.sleep(0.5 * (attempt + 1))
+    except ImportError as e:
         hint = " (pip install 'freezebench[postgres]')" if scheme.startswith("postgres") else ""
-        raise SweepError(f"storage {redact(url)!r} needs the database driver {e.name!r}{hint}") from None
+        cause = e.__cause__ or e
+        name = getattr(cause, "name", None) or str(cause)
+        raise SweepError(f"storage {redact(url)!r} needs its database driver: {name}{hint}") from None
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SweepError(f"cannot open storage {redact(url)!r}: {first}") from None
+
+
+def _creation_race(e: Exception) -> bool:
+    text = str(e).lower()
+    return any(x in text for x in ("duplicate key", "already exists", "unique constraint", "database is locked"))
+
+
+def _with_driver(url: str) -> str:
+    """``postgresql://`` with the driver that is installed: SQLAlchemy 2.1 defaults to psycopg 3, the
+    ``postgres`` extra installs psycopg2."""
+    scheme, rest = url.split("://", 1)
+    if scheme not in ("postgresql", "postgres"):
+        return url
+    import importlib.util
+
+    if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
+        return f"postgresql+psycopg2://{rest}"
+    return f"postgresql://{rest}"
 
 
 def _engine_kwargs(scheme: str) -> dict[str, Any]:
