@@ -82,8 +82,9 @@ def postgres_url():
 def _worker(space: str, storage: str, overrides: list[str], flags: list[str] = ()) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "freezebench", "sweep", space, *overrides, "--storage", storage, "--study", "s",
            "--no-plots", *flags]
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**env, "PYTHONUNBUFFERED": "1"})
 
 
 def test_two_workers_on_postgres_run_every_point_once(tmp_path, mlflow_uri, postgres_url):
@@ -119,7 +120,7 @@ def test_killed_worker_trial_is_taken_over_on_rerun(tmp_path, mlflow_uri):
     space.write_text("name: k\nparams:\n  policy: [static, full, freezeout_linear]\n")
     storage = f"sqlite:///{tmp_path}/optuna.db"
     mlflow.tracking.MlflowClient(mlflow_uri).search_experiments()
-    overrides = TINY + ["trainer.epochs=25"]  # trials of a few seconds: time to kill one
+    overrides = TINY + ["trainer.epochs=10"]  # trials of a few seconds: time to kill one
     w = _worker(str(space), storage, overrides, ["--heartbeat", "0.5", "--grace", "3"])
     try:
         deadline = time.monotonic() + 300
