@@ -28,6 +28,10 @@ Space files (``sweeps/spaces/<name>.yaml`` or any path)::
     objective: accuracy                           # accuracy (maximise val/acc) | accuracy+tflops (Pareto front)
     seeds: [0, 1, 2]                              # default seeds (--seeds replaces them); tpe takes one
 
+An override may name a swept key in braces, replaced per trial by its value: with ``policy.window`` swept,
+``policy.weights=preds/smartfrz_w{policy.window}.pt`` gives each window its own predictor file (the shipped
+predictor was trained with window 30 and tailor size 1024 only, and SmartFRZ refuses other values).
+
 Any config key may be a param, including ``policy`` (the policy's name), ``model.name`` and ``data.name``,
 so a grid of policies x models x datasets x seeds is one space. Every grid point is checked against the
 config before a trial runs (unknown keys and bad values are errors, not failed trials).

@@ -57,10 +57,15 @@ class SweepResult:
 
 
 # --- study set-up ----------------------------------------------------------------------------------------
+def _first_point(space: Space) -> dict[str, Any]:
+    return {p.key: (p.choices[0] if p.kind == "categorical" else p.low) for p in space.params}
+
+
 def _base_cfg(space: Space) -> Any:
+    """The config of the space's first point: what tracking settings (URI, experiment) the sweep uses."""
     from freezebench.config import load_config
 
-    return load_config(list(space.overrides))
+    return load_config(space.trial_overrides(_first_point(space)))
 
 
 def _validate_points(space: Space) -> None:
@@ -79,7 +84,7 @@ def _validate_points(space: Space) -> None:
             continue
         seen.add(key)
         try:
-            load_config(list(space.overrides) + [override(k, v) for k, v in point.items()])
+            load_config(space.trial_overrides(point))
         except FreezebenchError as e:
             raise SweepError(f"space {space.name!r}, point {_point_text(point)}: {e}") from None
 
@@ -356,12 +361,12 @@ def run_trial(study: Any, trial_id: int, space: Space, parent: str | None, *, he
         trial.set_user_attr("seed", seed)
     point = {p.key: p.suggest(trial) for p in space.params}
     tags = {"sweep": space.name, "study": study_name, "trial": str(trial.number), "kind": "sweep-trial"}
-    extra = [override(k, v) for k, v in point.items()] + [f"trainer.seed={seed}"]
+    extra = space.trial_overrides(point) + [f"trainer.seed={seed}"]
     trainer = None
     cfg = None
     with Heartbeat(study._storage, trial_id, heartbeat_s):
         try:
-            cfg = load_config(list(space.overrides) + extra)
+            cfg = load_config(extra)
             if parent is not None and cfg.tracking.enabled:
                 _nest(cfg, parent, tags)
             trainer = Trainer(cfg)

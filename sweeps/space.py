@@ -104,6 +104,11 @@ class Space:
         keys = [p.key for p in self.params]
         return [dict(zip(keys, vals)) for vals in itertools.product(*(p.grid_values() for p in self.params))]
 
+    def trial_overrides(self, point: dict[str, Scalar]) -> list[str]:
+        """The config overrides of one trial: the space's (with ``{key}`` replaced by the point's value of
+        the swept ``key``, e.g. ``policy.weights=preds/w{policy.window}.pt``), then the point's own."""
+        return [expand(o, point) for o in self.overrides] + [override(k, v) for k, v in point.items()]
+
     def spec(self) -> dict[str, Any]:
         """What defines the sweep's results (stored on the study; a re-run must match it)."""
         return {"params": {p.key: p.to_dict() for p in self.params}, "overrides": list(self.overrides),
@@ -290,6 +295,13 @@ def load_space(name_or_path: str | Space) -> Space:
     except yaml.YAMLError as e:
         raise SweepError(f"space file {path}: not valid YAML ({str(e).splitlines()[0]})") from None
     return parse_space(data, path.stem, str(path))
+
+
+def expand(text: str, point: dict[str, Scalar]) -> str:
+    """``{key}`` -> the point's value of ``key`` (swept keys only; OmegaConf's ``${...}`` is left alone)."""
+    import re
+
+    return re.sub(r"(?<!\$)\{([^{}]+)\}", lambda m: str(point.get(m.group(1), m.group(0))), text)
 
 
 def override(key: str, value: Scalar) -> str:

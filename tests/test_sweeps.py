@@ -62,6 +62,13 @@ def test_bad_spaces_are_clear_errors(data, message):
         parse_space(data, "bad")
 
 
+def test_overrides_name_swept_keys_in_braces():
+    s = parse_space({"overrides": ["policy=smartfrz", "policy.weights=w/{policy.window}-{policy.window}.pt",
+                                   "a=${oc.env:X}", "b={other}"], "params": {"policy.window": [20, 40]}}, "x")
+    assert s.trial_overrides(s.grid()[1]) == ["policy=smartfrz", "policy.weights=w/40-40.pt", "a=${oc.env:X}",
+                                              "b={other}", "policy.window=40"]
+
+
 def test_unknown_space_suggests_the_nearest():
     with pytest.raises(SweepError, match="unknown space 'windw'. Did you mean 'window'"):
         load_space("windw")
