@@ -157,6 +157,7 @@ def open_study(space: Space, study_name: str, storage_url: str | None, *, create
         if study is not None:  # we won the creation: initialise it
             study.set_user_attr("sweep_spec", space.spec())
             study.set_user_attr("sweep_space", space.name)
+            study.set_user_attr("sweep_description", space.description)
             cfg = _base_cfg(space)
             parent = _create_parent(space, study_name, url, cfg)
             study.set_user_attr("mlflow_parent_run_id", parent)
@@ -628,7 +629,8 @@ def report(study: str, storage: str | None = None, *, plots: bool = True) -> Swe
         raise SweepError(f"study {study!r} was not made by freezebench sweep (no sweep_spec attribute)")
     from .space import parse_space
 
-    space = parse_space({"name": st.user_attrs.get("sweep_space", study), "params": {
+    space = parse_space({"name": st.user_attrs.get("sweep_space", study),
+                         "description": st.user_attrs.get("sweep_description", ""), "params": {
         k: (v["choices"] if "choices" in v else {kk: vv for kk, vv in v.items() if vv is not None})
         for k, v in spec["params"].items()}, "sampler": spec["sampler"], "n_trials": spec["n_trials"],
         "objective": spec["objective"], "seeds": spec["seeds"], "overrides": spec["overrides"]}, study)
