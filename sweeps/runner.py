@@ -35,7 +35,7 @@ from typing import Any
 
 from freezebench.errors import FreezebenchError
 
-from .space import Space, SweepError, load_space, override, spec_json
+from .space import Space, SweepError, load_space, spec_json
 from .storage import open_storage, redact
 
 log = logging.getLogger(__name__)
@@ -235,7 +235,7 @@ class Heartbeat:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
 
@@ -302,22 +302,26 @@ def grid_progress(study: Any, retry_failed: bool = False) -> Progress:
     from optuna.trial import TrialState
 
     total = int(study.user_attrs.get("grid_size", 0))
-    state: dict[int, str] = {}
+    complete: set[int] = set()
+    raised: set[int] = set()
+    busy: set[int] = set()
     running = 0
     for t in study.get_trials(deepcopy=False):
         gi = t.user_attrs.get("grid_index")
         if gi is None:
             continue
-        if t.state == TrialState.RUNNING:
-            running += 1
-        if t.state == TrialState.COMPLETE or (t.state == TrialState.FAIL and t.user_attrs.get("raised")
-                                               and not retry_failed):
-            state[gi] = "done"
-        elif t.state in (TrialState.WAITING, TrialState.RUNNING) and state.get(gi) != "done":
-            state[gi] = "pending"
-    done = sum(1 for v in state.values() if v == "done")
-    pending = sum(1 for v in state.values() if v == "pending")
-    missing = [i for i in range(total) if i not in state]
+        running += t.state == TrialState.RUNNING
+        if t.state == TrialState.COMPLETE:
+            complete.add(gi)
+        elif t.state == TrialState.FAIL and t.user_attrs.get("raised"):
+            raised.add(gi)
+        elif t.state in (TrialState.WAITING, TrialState.RUNNING):
+            busy.add(gi)
+    # a grid entry is done when a trial completed, or raised (unless retried now or asked to retry)
+    done_set = complete | (set() if retry_failed else raised - busy)
+    pending_set = busy - done_set
+    done, pending = len(done_set), len(pending_set)
+    missing = [i for i in range(total) if i not in done_set and i not in pending_set]
     return Progress(total, done, pending, running, missing)
 
 

@@ -8,13 +8,13 @@ import time
 import mlflow
 import optuna
 import pytest
+from freezebench.sweeps import SweepError, format_table, load_space, run_sweep, summary_rows
+from freezebench.sweeps.runner import HEARTBEAT_KEY, fail_stale, grid_progress
+from freezebench.sweeps.space import parse_space
 from optuna.trial import TrialState
 
 from freezebench.cli import main
 from freezebench.registry import POLICIES
-from freezebench.sweeps import SweepError, format_table, load_space, run_sweep, summary_rows
-from freezebench.sweeps.runner import HEARTBEAT_KEY, fail_stale, grid_progress
-from freezebench.sweeps.space import parse_space
 
 
 def write(tmp_path, text, name="space.yaml"):
@@ -113,7 +113,8 @@ def test_grid_sweep_runs_each_point_once_nested_under_one_parent(tmp_path, mlflo
         assert r["n"] == 2 and r["failed"] == 0
         assert r["acc_mean"] == pytest.approx(statistics.fmean(a)) and r["acc_std"] == pytest.approx(statistics.stdev(a))
     table = client.download_artifacts(res.parent_run_id, "sweep/table.txt", str(tmp_path))
-    assert open(table).read().strip() == res.table
+    with open(table) as f:
+        assert f.read().strip() == res.table
     assert f"{100 * res.rows[0]['acc_mean']:.2f} ± {100 * res.rows[0]['acc_std']:.2f}" in res.table
 
     # a re-run of a finished sweep runs nothing and gives the same table

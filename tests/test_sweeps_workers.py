@@ -16,12 +16,10 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
-from optuna.trial import TrialState
-
+from conftest import TINY
 from freezebench.sweeps import run_sweep
 from freezebench.sweeps.storage import open_storage
-
-from conftest import TINY
+from optuna.trial import TrialState
 
 pytestmark = pytest.mark.slow
 
