@@ -77,8 +77,8 @@ def postgres_url():
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _worker(space: str, storage: str, overrides: list[str], flags: list[str] = ()) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "freezebench", "sweep", space, *overrides, "--storage", storage, "--study", "s",
+def _worker(space: str, storage: str, study: str, overrides: list[str], flags: list[str] = ()) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "freezebench", "sweep", space, *overrides, "--storage", storage, "--study", study,
            "--no-plots", *flags]
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -91,10 +91,10 @@ def test_two_workers_on_postgres_run_every_point_once(tmp_path, mlflow_uri, post
     client = mlflow.tracking.MlflowClient(mlflow_uri)
     client.search_experiments()  # the MLflow store's tables exist before the workers start
     # both workers start together: they race to create the Optuna tables, the study and its queue
-    workers = [_worker(str(space), postgres_url, TINY + ["trainer.epochs=2"]) for _ in range(2)]
+    workers = [_worker(str(space), postgres_url, "two-workers", TINY + ["trainer.epochs=2"]) for _ in range(2)]
     outs = [w.communicate(timeout=400)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], outs
-    study = optuna.load_study(study_name="s", storage=open_storage(postgres_url))
+    study = optuna.load_study(study_name="two-workers", storage=open_storage(postgres_url))
     print(*outs, sep="\n----\n")
     trials = study.get_trials()
     # 3 points x 2 seeds: every grid entry ran exactly once, none twice, none re-queued
@@ -105,10 +105,11 @@ def test_two_workers_on_postgres_run_every_point_once(tmp_path, mlflow_uri, post
     # one parent run; every trial's run sits under it
     parent = study.user_attrs["mlflow_parent_run_id"]
     exp = client.get_run(parent).info.experiment_id
-    runs = client.search_runs([exp], filter_string="tags.study = 's' and tags.kind = 'sweep-trial'", max_results=100)
+    runs = client.search_runs([exp], filter_string="tags.study = 'two-workers' and tags.kind = 'sweep-trial'",
+                              max_results=100)
     assert {r.info.run_id for r in runs} == {t.user_attrs["mlflow_run_id"] for t in trials}
     assert all(r.data.tags["mlflow.parentRunId"] == parent for r in runs)
-    sweeps = client.search_runs([exp], filter_string="tags.kind = 'sweep' and tags.study = 's'")
+    sweeps = client.search_runs([exp], filter_string="tags.kind = 'sweep' and tags.study = 'two-workers'")
     assert [r.info.run_id for r in sweeps] == [parent]
     assert all("val acc (%)" in o for o in outs)
 
@@ -119,7 +120,7 @@ def test_killed_worker_trial_is_taken_over_on_rerun(tmp_path, mlflow_uri):
     storage = f"sqlite:///{tmp_path}/optuna.db"
     mlflow.tracking.MlflowClient(mlflow_uri).search_experiments()
     overrides = TINY + ["trainer.epochs=10"]  # trials of a few seconds: time to kill one
-    w = _worker(str(space), storage, overrides, ["--heartbeat", "0.5", "--grace", "3"])
+    w = _worker(str(space), storage, "s", overrides, ["--heartbeat", "0.5", "--grace", "3"])
     try:
         deadline = time.monotonic() + 300
         killed = None
@@ -142,7 +143,8 @@ def test_killed_worker_trial_is_taken_over_on_rerun(tmp_path, mlflow_uri):
     before = {t.number: t.state for t in optuna.load_study(study_name="s", storage=storage).get_trials()}
     assert before == {0: TrialState.COMPLETE, 1: TrialState.RUNNING, 2: TrialState.WAITING}
 
-    res = run_sweep(str(space), overrides, storage=storage, study="s", heartbeat_s=0.5, grace_s=3, plots=False, echo=None)
+    res = run_sweep(str(space), overrides, storage=storage, study="s", heartbeat_s=0.5, grace_s=3, plots=False,
+                    echo=None)
     trials = res.study.get_trials()
     by_index: dict[int, list] = {}
     for t in trials:
