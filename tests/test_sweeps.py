@@ -85,7 +85,7 @@ seeds: [0, 1]
 
 
 @pytest.mark.slow
-def test_grid_sweep_runs_each_point_once_nested_under_one_parent(tmp_path, mlflow_uri, tiny_overrides):
+def test_grid_sweep_runs_each_point_once_nested_under_one_parent(tmp_path, mlflow_uri, tiny_overrides, capsys):
     storage = f"sqlite:///{tmp_path}/optuna.db"
     res = run_sweep(write(tmp_path, POLICY_GRID), tiny_overrides, storage=storage, study="pol", plots=False,
                     echo=None)
@@ -122,6 +122,9 @@ def test_grid_sweep_runs_each_point_once_nested_under_one_parent(tmp_path, mlflo
                       echo=None)
     assert again.ran == [] and again.parent_run_id == res.parent_run_id and again.rows == res.rows
     assert len(again.study.get_trials()) == 4
+    # the table on demand, from the study alone
+    assert main(["sweep", "--report", "--study", "pol", "--storage", storage, "--no-plots"]) == 0
+    assert res.table in capsys.readouterr().out
 
 
 @pytest.mark.slow
