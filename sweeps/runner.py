@@ -102,13 +102,13 @@ def _create_parent(space: Space, study_name: str, storage_url: str, cfg: Any) ->
     from freezebench.tracking import git_commit, resolve_uri
 
     uri = resolve_uri(cfg.tracking.uri)
-    client = MlflowClient(uri)
     tags = {"kind": "sweep", "sweep": space.name, "study": study_name, "storage": redact(storage_url),
             "mlflow.runName": f"sweep-{study_name}"}
     commit = git_commit()
     if commit:
         tags["git_commit"] = commit
     try:
+        client = MlflowClient(uri)
         env_run = os.environ.get("MLFLOW_RUN_ID")
         if env_run:  # launched by `mlflow run -e sweep`: that run is the parent
             run_id = env_run
@@ -155,15 +155,19 @@ def open_study(space: Space, study_name: str, storage_url: str | None, *, create
         except Exception as e:
             raise SweepError(f"cannot create study {study_name!r} in {redact(url)}: {str(e).splitlines()[0]}") from None
         if study is not None:  # we won the creation: initialise it
-            study.set_user_attr("sweep_spec", space.spec())
-            study.set_user_attr("sweep_space", space.name)
-            study.set_user_attr("sweep_description", space.description)
-            cfg = _base_cfg(space)
-            parent = _create_parent(space, study_name, url, cfg)
-            study.set_user_attr("mlflow_parent_run_id", parent)
-            if space.sampler == "grid":
-                study.set_user_attr("grid_size", _enqueue_grid(study, space))
-            study.set_user_attr(READY_KEY, True)
+            try:
+                study.set_user_attr("sweep_spec", space.spec())
+                study.set_user_attr("sweep_space", space.name)
+                study.set_user_attr("sweep_description", space.description)
+                parent = _create_parent(space, study_name, url, _base_cfg(space))
+                study.set_user_attr("mlflow_parent_run_id", parent)
+                if space.sampler == "grid":
+                    study.set_user_attr("grid_size", _enqueue_grid(study, space))
+                study.set_user_attr(READY_KEY, True)
+            except BaseException:  # leave no half-made study behind: a re-run starts it afresh
+                with contextlib.suppress(Exception):
+                    optuna.delete_study(study_name=study_name, storage=storage)
+                raise
             return study, parent
     study = _load(study_name, storage, url, space)
     deadline = time.monotonic() + init_timeout_s
@@ -173,6 +177,7 @@ def open_study(space: Space, study_name: str, storage_url: str | None, *, create
                              f"died while setting it up); delete it (optuna delete-study --study-name "
                              f"{study_name} --storage URL) and start again")
         time.sleep(0.5)
+    _check_spec(study, space, url)  # the spec may have been written while we waited
     return study, study.user_attrs.get("mlflow_parent_run_id")
 
 
@@ -184,19 +189,22 @@ def _load(study_name: str, storage: Any, url: str, space: Space | None) -> Any:
                                   sampler=_sampler(space) if space else None)
     except KeyError:
         raise SweepError(f"no study {study_name!r} in {redact(url)}") from None
-    stored = study.user_attrs.get("sweep_spec")
-    if stored is None and study.user_attrs.get(READY_KEY) is None and "sweep_space" not in study.user_attrs:
-        # created by something else than freezebench, or still being initialised: wait for the spec
-        pass
-    if space is not None and stored is not None and spec_json(stored) != spec_json(space.spec()):
-        want = space.spec()
-        diff = [k for k in want if spec_json(want[k]) != spec_json(stored.get(k))]
-        raise SweepError(
-            f"study {study_name!r} in {redact(url)} exists with a different sweep ({', '.join(diff)} differ: stored "
-            f"{', '.join(f'{k}={spec_json(stored.get(k))}' for k in diff)}); use another --study name, or "
-            f"the same space, overrides and seeds to continue it"
-        )
+    if space is not None:
+        _check_spec(study, space, url)
     return study
+
+
+def _check_spec(study: Any, space: Space, url: str) -> None:
+    stored = study.user_attrs.get("sweep_spec")
+    if stored is None or spec_json(stored) == spec_json(space.spec()):
+        return
+    want = space.spec()
+    diff = [k for k in want if spec_json(want[k]) != spec_json(stored.get(k))]
+    raise SweepError(
+        f"study {study.study_name!r} in {redact(url)} exists with a different sweep ({', '.join(diff)} differ: "
+        f"stored {', '.join(f'{k}={spec_json(stored.get(k))}' for k in diff)}); use another --study name, or "
+        f"the same space, overrides and seeds to continue it"
+    )
 
 
 def _sampler(space: Space) -> Any:

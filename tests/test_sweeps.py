@@ -197,6 +197,11 @@ def test_bad_points_and_storage_fail_before_any_trial(tmp_path, mlflow_uri, tiny
         run_sweep(write(tmp_path, "params:\n  policy.windw: [3]\noverrides: [policy=smartfrz]\n"), tiny_overrides,
                   storage=f"sqlite:///{tmp_path}/o.db", echo=None)
     assert optuna.get_all_study_summaries(f"sqlite:///{tmp_path}/o.db") == []
+    # a study whose set-up fails (here: no MLflow store at that URI) is removed, so a re-run starts afresh
+    with pytest.raises(SweepError, match="cannot create the sweep's parent MLflow run at nosuch://x"):
+        run_sweep(write(tmp_path, "params:\n  policy: [static]\n"), tiny_overrides + ["tracking.uri=nosuch://x"],
+                  storage=f"sqlite:///{tmp_path}/o.db", echo=None)
+    assert optuna.get_all_study_summaries(f"sqlite:///{tmp_path}/o.db") == []
     assert main(["sweep", "window", "--storage", "mongodb://x/y"]) == 2
     assert "is not a database URL or journal file" in capsys.readouterr().err
     assert main(["sweep", "windw"]) == 2
