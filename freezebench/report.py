@@ -136,10 +136,12 @@ def _client(uri: str | None) -> Any:
 
 
 def load_runs(experiment: str = "freezebench", filter: str | None = None, uri: str | None = None,
-              details: bool = True, progress: bool = False) -> list[RunRecord]:
+              details: bool = True, progress: bool = False, vary: Sequence[str] = ()) -> list[RunRecord]:
     """The finished training runs of ``experiment`` matching the MLflow search ``filter``.
 
     ``details`` also reads each run's memory history, freeze events and unit names (for the figures).
+    ``vary``: config keys (params) that split a policy's rows, e.g. ``policy.t0`` gives rows
+    ``freezeout_linear t0=0.3``, ... (the paper's Tables 8 and 9).
     """
     import os
 
@@ -179,8 +181,10 @@ def load_runs(experiment: str = "freezebench", filter: str | None = None, uri: s
             continue
         if not {"policy", "model", "dataset"} <= set(tags) or KEYS["acc"] not in metrics:
             continue
+        label = " ".join([tags["policy"], *(f"{k.rsplit('.', 1)[-1]}={run.data.params[k]}" for k in vary
+                                            if k in run.data.params)])
         rec = RunRecord(
-            run_id=run.info.run_id, name=run.info.run_name or run.info.run_id, policy=tags["policy"],
+            run_id=run.info.run_id, name=run.info.run_name or run.info.run_id, policy=label,
             model=tags["model"], dataset=tags["dataset"], seed=int(tags.get("seed", 0)),
             metrics={k: float(metrics[k]) for k in KEYS.values() if k in metrics},
             epochs=float(run.data.params.get("trainer.epochs", 0) or 0), suite=tags.get("suite"),
@@ -557,13 +561,13 @@ def log_report(report: Report, folder: str | Path, experiment: str, uri: str | N
 
 def compare(experiment: str = "freezebench", filter: str | None = None, uri: str | None = None,
             out: str | Path | None = None, name: str | None = None, log: bool = True, order: Sequence[str] | None = None,
-            title: str | None = None, tags: dict[str, str] | None = None, progress: bool = False
-            ) -> tuple[Report, Path, str | None]:
+            title: str | None = None, tags: dict[str, str] | None = None, progress: bool = False,
+            vary: Sequence[str] = ()) -> tuple[Report, Path, str | None]:
     """Read the runs, build the report, write the folder and (``log``) log the ``report`` run."""
     from .tracking import resolve_uri
 
     name = name or experiment
-    runs = load_runs(experiment, filter, uri, details=True, progress=progress)
+    runs = load_runs(experiment, filter, uri, details=True, progress=progress, vary=vary)
     if not runs:
         raise FreezebenchError(f"no finished training runs in experiment {experiment!r}"
                                + (f" matching {filter!r}" if filter else ""))
@@ -592,6 +596,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default=None, help="report name: run report-<name> (default: the experiment)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
                    "sqlite:///mlflow.db)")
+    p.add_argument("--vary", action="append", default=[], metavar="KEY",
+                   help="a config key that splits a policy's rows (e.g. policy.t0); repeatable")
     p.add_argument("--no-log", action="store_true", help="write the folder only, log no report run")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.set_defaults(handler=cmd_compare)
@@ -599,7 +605,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     report, folder, run_id = compare(args.experiment, args.filter, args.tracking_uri, args.out, args.name,
-                                     log=not args.no_log, progress=True)
+                                     log=not args.no_log, progress=True, vary=args.vary)
     print(render(report, args.format), end="")
     print(f"\nreport ({len(report.runs)} runs) written to {folder}/ (index.html, table.*, figures)")
     if run_id:
