@@ -170,6 +170,7 @@ def run_suite(name: str, overrides: list[str] | None = None, seeds: list[int] | 
 
     from .runner import run_sweep
 
+    say = echo or (lambda *a, **k: None)
     suite = load_suite(name)
     overrides = list(overrides or [])
     all_over = list(suite.space.overrides) + overrides
@@ -177,7 +178,7 @@ def run_suite(name: str, overrides: list[str] | None = None, seeds: list[int] | 
     uri = resolve_uri(_setting(all_over, "tracking.uri", None))
     if run:
         for study, space in stages(suite, overrides, seeds):
-            echo(f"suite {suite.name}: sweep {study} ({len(space.grid()) * len(space.seeds)} trials)")
+            say(f"suite {suite.name}: sweep {study} ({len(space.grid()) * len(space.seeds)} trials)")
             run_sweep(space, seeds=None, storage=storage, study=study, echo=echo, **sweep_kw)
         if suite.reference is not None:
             refs = _reference_runs(suite, uri, experiment)
@@ -193,11 +194,14 @@ def run_suite(name: str, overrides: list[str] | None = None, seeds: list[int] | 
                     if key not in refs:
                         raise FreezebenchError(f"suite {suite.name}: no finished reference run for {key[0]} on "
                                                f"{key[1]} (tag suite={suite.name}/reference in {experiment})")
-                    over = list(space.overrides) + list(ref["policy_overrides"]) + [f"{ref['key']}=runs:/{refs[key]}"]
-                    over += [f"model.name={key[0]}", f"data.name={key[1]}"]
+                    over = list(space.overrides) + [f"model.name={key[0]}", f"data.name={key[1]}"]
+                    # the policy's own keys go in as one-value params: the sweep's base config (overrides
+                    # alone) has the default policy, which does not know them
+                    own = {ref["key"]: [f"runs:/{refs[key]}"]}
+                    own.update({k.strip(): [v.strip()] for k, _, v in (o.partition("=") for o in ref["policy_overrides"])})
                     study = f"{suite.name}-{ref['policy']}-{key[0]}-{key[1]}"
-                    sp = _space(study, over, {"policy": [ref["policy"]], **params}, list(space.seeds), space)
-                    echo(f"suite {suite.name}: sweep {study} ({len(sp.grid()) * len(sp.seeds)} trials)")
+                    sp = _space(study, over, {"policy": [ref["policy"]], **own, **params}, list(space.seeds), space)
+                    say(f"suite {suite.name}: sweep {study} ({len(sp.grid()) * len(sp.seeds)} trials)")
                     run_sweep(sp, storage=storage, study=study, echo=echo, **sweep_kw)
     report, folder, run_id = compare(experiment, f"tags.suite = '{suite.name}'", uri, out=out, name=suite.name,
                                      order=suite.report.get("policies"), title=suite.report.get("title"),
