@@ -122,7 +122,7 @@ class TrackingConfig:
     run_name: str | None = None  # default: <policy>-<model>-<dataset>-s<seed>
     log_checkpoint: bool = True  # log the final weights as an artifact (the CKA oracle reads them)
     system_metrics: bool = True  # MLflow system metrics (CPU, memory, GPU) sampled in the background
-    tags: dict[str, str] = field(default_factory=dict)  # extra tags for the run
+    tags: dict[str, str] = field(default_factory=dict)  # extra tags for the run (tracking.tags.suite=table2)
     parent_run_id: str | None = None  # nest the run under this MLflow run (sweeps: one child per trial)
     run_id: str | None = None  # continue this existing MLflow run instead of starting one (resume)
 
@@ -240,6 +240,7 @@ def load_config(overrides: list[str] | None = None, preset: str | None = None) -
     base: DictConfig = OmegaConf.structured(Config)
     base.policy = _policy_node(policy_name)
     OmegaConf.set_struct(base, True)
+    OmegaConf.set_struct(base.tracking.tags, False)  # free-form: tracking.tags.suite=table2 adds a tag
     try:
         # trainer features the policy is defined with (FreezePolicy.config_defaults), under preset and CLI
         for key, value in getattr(_policy_class(policy_name), "config_defaults", {}).items():

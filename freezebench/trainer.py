@@ -212,7 +212,19 @@ class Trainer:
         if commit:
             tags["git_commit"] = commit
         tags.update({k: str(v) for k, v in c.tracking.tags.items()})
+        tags.setdefault("mlflow.note.content", self.description(tags.get("suite")))  # the run's description
         return tags
+
+    def description(self, suite: str | None = None) -> str:
+        """One paragraph for the MLflow UI's run description (Markdown)."""
+        c, p = self.cfg, self.plan
+        text = (f"**{c.policy.name}** freezing on **{c.model.name}** / **{c.data.name}**, seed {c.trainer.seed}: "
+                f"{p.epochs} epochs of {p.steps_per_epoch} steps (batch {c.data.batch_size}), {c.optim.name} "
+                f"lr {c.optim.lr} with a {c.schedule.name} schedule, {len(self.units)} units "
+                f"({self.partition.granularity} granularity) on {self.device}.")
+        if suite:
+            text += f" Part of suite `{suite}` (`freezebench compare --filter \"tags.suite = '{suite}'\"`)."
+        return text
 
     # --- helpers -------------------------------------------------------------------------------------
     def _autocast(self) -> Any:
@@ -729,7 +741,8 @@ class Trainer:
         self.tracker.log_figure(fig, "freeze_timeline.png")
         plt.close(fig)
         summary = {"run_id": result.run_id, "run_name": self.run_name, "metrics": result.metrics,
-                   "frozen_units": sorted(self.freezer.frozen), "num_units": len(self.units)}
+                   "frozen_units": sorted(self.freezer.frozen), "num_units": len(self.units),
+                   "unit_names": result.unit_names}
         self.tracker.log_dict(summary, "summary.json")
         if self.cfg.trainer.save_checkpoint:
             folder = Path(self.cfg.trainer.output_dir) / (result.run_id or self.run_name)

@@ -56,3 +56,31 @@ def tiny_overrides():
 def _threads():
     torch.set_num_threads(2)
     yield
+
+
+COMPARE_POLICIES = {"full": [], "static": ["policy.at_step=4"], "freezeout_linear": []}
+
+
+@pytest.fixture(scope="session")
+def compare_runs(_mlflow_store, tmp_path_factory):
+    """Real tiny runs for the report and browser tests: 3 policies x 2 seeds tagged suite=t, plus one run
+    of another suite, in experiment ``compare-test`` of the session store."""
+    from freezebench.config import load_config
+    from freezebench.trainer import Trainer
+
+    work = tmp_path_factory.mktemp("compare")
+    old = os.getcwd()
+    os.chdir(work)  # checkpoints (off) and any stray output stay out of the repository
+    try:
+        base = [*TINY, f"tracking.uri={_mlflow_store}", "tracking.experiment=compare-test",
+                "trainer.save_checkpoint=false"]
+        ids: dict[tuple[str, int], str] = {}
+        for policy, extra in COMPARE_POLICIES.items():
+            for seed in (0, 1):
+                cfg = load_config([*base, f"policy={policy}", *extra, f"trainer.seed={seed}", "tracking.tags.suite=t"])
+                ids[(policy, seed)] = Trainer(cfg).fit().run_id
+        other = load_config([*base, "policy=full", "trainer.seed=7", "tracking.tags.suite=other"])
+        ids[("other", 7)] = Trainer(other).fit().run_id
+    finally:
+        os.chdir(old)
+    return {"uri": _mlflow_store, "experiment": "compare-test", "ids": ids}
