@@ -68,6 +68,7 @@ class SmartFRZConfig(PolicyConfig):
     stage_every: int | None = None  # steps between freezing stages; null: once per epoch (steps_per_epoch)
     sequential: bool = False  # true: freeze only the longest front prefix of active layers predicted "freeze"
     seed: int = 0  # seed of the tailoring indices (which weights of each layer are sampled)
+    any_window: bool = False  # true: read policy.window snapshots with a predictor trained at another window (its attention takes any length; window sensitivity without retraining)
 
 
 def sequential_prefix(active: Sequence[int], predicted: dict[int, bool]) -> list[int]:
@@ -116,7 +117,8 @@ class SmartFRZ(FreezePolicy):
         c = self.cfg
         self.validate_config(c)
         self.predictor, self.predictor_meta = load_predictor(
-            self.weights_path(c), tailor_size=c.tailor_size, window=c.window, device=plan.device
+            self.weights_path(c), tailor_size=c.tailor_size, window=None if c.any_window else c.window,
+            device=plan.device,
         )
         self.record_every = c.record_every or max(1, plan.steps_per_epoch // 30)
         self.stage_every = c.stage_every or plan.steps_per_epoch

@@ -275,3 +275,18 @@ def test_tiny_run_freezes(tmp_path, tiny_overrides):
     # window 2 filled after step 2; the first stage is the end of epoch 1 (step 4)
     assert {e.step for e in trainer.freezer.events} == {trainer.plan.steps_per_epoch}
     assert pol.epoch_metrics()["evaluated_units"] == 0.0  # later stages had nothing left to judge
+
+
+def test_any_window_reads_other_window_lengths_with_the_shipped_predictor(tiny_overrides):
+    """The shipped predictor was trained at window 30; other windows are refused unless policy.any_window."""
+    from freezebench.config import load_config
+    from freezebench.errors import ConfigError
+    from freezebench.trainer import Trainer
+
+    base = [*tiny_overrides, "policy=smartfrz", "policy.window=20", "tracking.enabled=false"]
+    with pytest.raises(ConfigError, match="trained with window=30, but window=20"):
+        Trainer(load_config(base))
+    tr = Trainer(load_config([*base, "policy.any_window=true"]))
+    assert tr.policy.history.window == 20 and int(tr.policy.predictor_meta["window"]) == 30
+    probs = tr.policy.predictor.probabilities(torch.randn(3, 20, 1024))
+    assert probs.shape == (3, 2) and torch.allclose(probs.sum(-1), torch.ones(3))
