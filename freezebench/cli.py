@@ -231,6 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = getattr(args, "debug", False)
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not debug:  # MLflow announces its system-metrics sampler at INFO on every run (noise in sweeps)
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
     try:
         handler = getattr(args, "handler", None) or COMMANDS[args.command]
         return handler(args)
