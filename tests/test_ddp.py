@@ -133,3 +133,23 @@ def test_resume_with_another_world_size_is_a_clear_error(tiny_overrides, tmp_pat
     with pytest.raises(CheckpointError, match="written by 2 process.*--nproc_per_node 2"):
         Trainer(load_config([*tiny_overrides, "tracking.enabled=false", f"trainer.output_dir={tmp_path}",
                              "trainer.epochs=1", f"resume={tmp_path / 'w2.pt'}"]))
+
+
+def test_sieving_under_ddp_is_refused_with_one_line(tiny_overrides, monkeypatch):
+    """A sieved loader cannot be sharded consistently across ranks yet: refused before training starts."""
+    import torch.distributed as dist
+
+    from freezebench.config import load_config
+    from freezebench.errors import ConfigError
+    from freezebench.trainer import Trainer
+
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(_free_port())}.items():
+        monkeypatch.setenv(k, v)
+    try:
+        with pytest.raises(ConfigError, match="data.sieve is not supported under DDP"):
+            Trainer(load_config([*tiny_overrides, "tracking.enabled=false", "data.sieve.enabled=true"]))
+        assert dist.is_initialized() and dist.get_world_size() == 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
