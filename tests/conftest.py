@@ -84,3 +84,18 @@ def compare_runs(_mlflow_store, tmp_path_factory):
     finally:
         os.chdir(old)
     return {"uri": _mlflow_store, "experiment": "compare-test", "ids": ids}
+
+
+@pytest.fixture(scope="session")
+def always_freeze_predictor(tmp_path_factory):
+    """A SmartFRZ predictor file (window 2) whose output always favours the freeze class."""
+    from freezebench.predictors.model import SmartFRZPredictor
+    from freezebench.predictors.weights import save_predictor
+
+    model = SmartFRZPredictor(tailor_size=1024)
+    with torch.no_grad():
+        model.mlp_z[-1].weight.zero_()
+        model.mlp_z[-1].bias.copy_(torch.tensor([-10.0, 10.0]))
+    path = tmp_path_factory.mktemp("predictor") / "always_freeze.pt"
+    save_predictor(path, model, metadata={"window": 2, "provenance": {"source": "test fixture"}})
+    return str(path)

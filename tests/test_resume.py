@@ -32,21 +32,6 @@ POLICIES = {
 }
 
 
-@pytest.fixture(scope="module")
-def always_freeze(tmp_path_factory):
-    """A SmartFRZ predictor file (window 2) that always predicts "freeze" (as in test_contract.py)."""
-    from freezebench.predictors.model import SmartFRZPredictor
-    from freezebench.predictors.weights import save_predictor
-
-    model = SmartFRZPredictor(tailor_size=1024)
-    with torch.no_grad():
-        model.mlp_z[-1].weight.zero_()
-        model.mlp_z[-1].bias.copy_(torch.tensor([-10.0, 10.0]))
-    path = tmp_path_factory.mktemp("predictor") / "always_freeze.pt"
-    save_predictor(path, model, metadata={"window": 2, "provenance": {"source": "resume test"}})
-    return str(path)
-
-
 def _run_until_signal(step: int, signame: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(HERE.parent)}
     return subprocess.run([sys.executable, str(HERE / "signal_at_step.py"), str(step), signame, "train", *args],
@@ -64,8 +49,8 @@ def _weights(path: str) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", list(POLICIES))
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(policy, mlflow_uri, tiny_overrides, tmp_path,
-                                                            always_freeze):
-    args = [*tiny_overrides, f"policy={policy}", *(o.replace("{weights}", always_freeze) for o in POLICIES[policy])]
+                                                            always_freeze_predictor):
+    args = [*tiny_overrides, f"policy={policy}", *(o.replace("{weights}", always_freeze_predictor) for o in POLICIES[policy])]
     client = mlflow.tracking.MlflowClient()
 
     # the reference: one uninterrupted run (untracked, in this process)
