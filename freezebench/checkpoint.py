@@ -216,8 +216,8 @@ def build_payload(tr: Any, *, epoch: int, batch: int, epoch_acc: dict[str, Any] 
         "freezer": tr.freezer.state_dict(),
         "policy": tr.policy.state_dict(),
         # trainer features with state of their own (sparse masks, the sieve's partial set); None when off
-        "sparsity": tr.sparsity.state_dict() if getattr(tr, "sparsity", None) is not None else None,
-        "sieve": tr.sieve.state_dict() if getattr(tr, "sieve", None) is not None else None,
+        "sparsity": tr.sparsity.state_dict() if tr.sparsity is not None else None,
+        "sieve": tr.sieve.state_dict() if tr.sieve is not None else None,
         "lr_override": {int(k): float(v) for k, v in tr.lr_override.items()},
         "lr_factor": float(getattr(tr, "current_lr_factor", 1.0)),
         "position": {"step": int(tr.step), "epoch": int(epoch), "batch": int(batch), "world_size": int(world_size)},
@@ -238,7 +238,7 @@ def restore(tr: Any, payload: Mapping[str, Any], path: str | Path) -> None:
         tr.policy.load_state_dict(payload["policy"])
         tr.optimizer.load_state_dict(payload["optimizer"])
         for feature in ("sparsity", "sieve"):
-            obj, state = getattr(tr, feature, None), payload.get(feature)
+            obj, state = getattr(tr, feature), payload.get(feature)
             if (obj is None) != (state is None):
                 raise CheckpointError(f"checkpoint {str(path)!r}: {feature} is "
                                       f"{'on' if state is not None else 'off'} in the checkpoint but "

@@ -29,7 +29,7 @@ the Edge", NeurIPS 2021):
 Cost. Sparse training is simulated with dense kernels (as the MEST/SpFDE PyTorch code does), so wall time
 does not shrink; the cost model counts what sparse kernels would execute: a masked layer's forward,
 weight-gradient and input-gradient FLOPs scale with its density (:meth:`Sparsity.unit_flops`, exact per
-layer: each masked module's own FLOPs are measured with ``torch.utils.flop_counter`` on a probe batch).
+layer: each masked module's own FLOPs as the partition counted them with ``torch.utils.flop_counter``).
 ``cost/tflops`` therefore reflects the sparsity; ``cost/tflops_full`` stays the dense, unfrozen cost of the
 same samples, so ``cost/saving_frac`` includes the saving from sparsity. ``sparsity/density`` is logged
 every epoch (kept weights / weights of the masked layers).
@@ -43,7 +43,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import ConfigError
 
@@ -175,23 +174,13 @@ class Sparsity:
     def layer_densities(self) -> dict[str, float]:
         return {n: int(m.count_nonzero()) / m.numel() for n, m in zip(self.names, self.masks)}
 
-    def unit_flops(self, model: nn.Module, units: Sequence[Any], example: torch.Tensor) -> list[float]:
+    def unit_flops(self, partition: Any) -> list[float]:
         """Each unit's forward FLOPs per sample with its masked layers at their densities.
 
-        ``F_l - sum over masked modules m of unit l of F_m * (1 - d_m)``, with ``F_m`` measured by
-        ``torch.utils.flop_counter`` on ``example`` (eval mode, no grad, training flag restored).
+        ``F_l - sum over masked modules m of unit l of F_m * (1 - d_m)``, with ``F_m`` the module's own FLOPs
+        that :func:`freezebench.units.partition` counted with ``torch.utils.flop_counter``.
         """
-        root = type(model).__name__
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad(), FlopCounterMode(display=False) as counter:
-                model(example)
-        finally:
-            model.train(was_training)
-        counts = {k[len(root) + 1:] if k.startswith(root + ".") else k: float(sum(v.values()))
-                  for k, v in counter.get_flop_counts().items()}
-        batch = example.shape[0]
+        units, counts = partition.units, partition.module_flops
         unit_of = {id(m): u.index for u in units for m in u.modules}
         flops = [float(u.flops) for u in units]
         for name, m, kept, p in zip(self.names, self.modules, self.kept, self.params):
@@ -199,7 +188,7 @@ class Sparsity:
             if i is None:
                 continue
             d = kept / p.numel()
-            flops[i] -= counts.get(name, 0.0) / batch * (1.0 - d)
+            flops[i] -= counts.get(name, 0.0) * (1.0 - d)
         return [max(0.0, f) for f in flops]
 
     # --- checkpointing ---------------------------------------------------------------------------------

@@ -178,7 +178,7 @@ class Trainer:
         self.sparsity = build_sparsity(cfg.sparsity, self.model, self.units, self.optimizer, self.plan.total_steps,
                                        tc.seed)
         if self.sparsity is not None:
-            self.cost = CostModel(self.sparsity.unit_flops(self.model, self.units, probe_x),
+            self.cost = CostModel(self.sparsity.unit_flops(self.partition),
                                   self.partition.other_flops)
         self.policy.setup(self.units, self.plan)
         self.needs = frozenset(type(policy).needs)

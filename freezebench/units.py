@@ -76,6 +76,8 @@ class Partition:
     granularity: str
     other_params: list[nn.Parameter] = field(default_factory=list, repr=False)
     other_flops: float = 0.0  # forward FLOPs per sample outside every unit
+    # forward FLOPs per sample of every module (qualified name, sub-modules included), from the same pass
+    module_flops: dict[str, float] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return len(self.units)
@@ -247,7 +249,8 @@ def partition(model: nn.Module, example: torch.Tensor, granularity: str = "layer
     units[-1].is_head = True
     attributed = sum(u.flops for u in units)
     other = max(0.0, total_flops / batch - attributed)
-    return Partition(units=units, granularity=granularity, other_params=other_params, other_flops=other)
+    return Partition(units=units, granularity=granularity, other_params=other_params, other_flops=other,
+                     module_flops={k: v / batch for k, v in inclusive.items()})
 
 
 def _block_owner(name: str, named: dict[str, nn.Module]) -> str:

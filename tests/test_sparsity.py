@@ -115,7 +115,7 @@ def test_frozen_units_keep_their_masks_at_updates():
 
 def test_unit_flops_scale_by_density():
     model, part, opt, sp = _setup({"sparsity": 0.5, "distribution": "uniform", "mask_every": 0})
-    scaled = sp.unit_flops(model, part.units, torch.randn(4, 8))
+    scaled = sp.unit_flops(part)
     # linear FLOPs 2 * in * out per sample: 256 and 512 halved; the dense head 2 * 16 * 4 = 128
     assert [u.flops for u in part.units] == [256.0, 512.0, 128.0]
     assert scaled == [128.0, 256.0, 128.0]
@@ -142,7 +142,7 @@ def test_trainer_trains_sparse_and_counts_density(mlflow_uri, tiny_overrides):
     assert abs(exact - 0.5) < 0.01
     # cost/tflops: the density-scaled cost model times the samples; tflops_full: the dense one
     samples = result.history[0]["data/samples_per_epoch"]
-    scaled = CostModel(sp.unit_flops(trainer.model, trainer.units, trainer.probe()[0]),
+    scaled = CostModel(sp.unit_flops(trainer.partition),
                        trainer.partition.other_flops).full_step_flops
     assert result.history[0]["cost/tflops_epoch"] == pytest.approx(scaled * samples / 1e12, rel=1e-12)
     assert result.history[0]["cost/tflops_full"] == pytest.approx(trainer.dense_full_step_flops * samples / 1e12,
