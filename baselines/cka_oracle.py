@@ -75,7 +75,7 @@ import torch
 
 from freezebench.errors import ConfigError, FreezebenchError
 from freezebench.policy import Decision, FreezePolicy, Plan, PolicyConfig, Signal, Signals, epoch_check_offsets
-from freezebench.similarity import cka_from_grams, gram_linear
+from freezebench.analysis.similarity import cka_from_grams, gram_linear
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def build_reference(path: str, units: Sequence[Any], device: str | torch.device)
     Tries the layer and the block granularity and keeps the one whose units have the same module names
     as ``units``; then checks parameter shapes unit by unit. Raises :class:`ConfigError` on any mismatch.
     """
-    from freezebench.models import build_model
+    from freezebench.zoo.models import build_model
     from freezebench.units import example_batch, partition
 
     payload = read_reference(path)

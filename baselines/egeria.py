@@ -23,7 +23,7 @@ Rule.
   epoch's end) every active unit's plasticity is its SP loss (Tung and Mori 2019, Egeria's measure) between
   the training model's output on the probe batch and the reference's:
   ``P = ||G - G'||_F^2 / b^2`` with ``G = row_l2_normalise(A A^T)``
-  (:func:`freezebench.similarity.sp_gram`). The probe batch and the reference are fixed between refreshes,
+  (:func:`freezebench.analysis.similarity.sp_gram`). The probe batch and the reference are fixed between refreshes,
   so the worker returns the reference side once per refresh as one b x b gram per unit, and a check costs
   one probe forward of the training model plus a b x b comparison per unit. A new reference starts new
   plasticity histories (plasticity is measured against the reference, so a refresh resets it to the
@@ -91,7 +91,7 @@ from torch import nn
 
 from freezebench.errors import ConfigError
 from freezebench.policy import Decision, FreezePolicy, Plan, PolicyConfig, Signal, Signals
-from freezebench.similarity import sp_gram, sp_loss_from_grams
+from freezebench.analysis.similarity import sp_gram, sp_loss_from_grams
 
 from .cka_oracle import check_steps
 

@@ -13,7 +13,7 @@ freezing and data sieving. freezebench has no public code to follow (``shared/de
 "SpFDE"); the three parts are:
 
 * **Sparse training** and **data sieving** are trainer features any policy can use
-  (:mod:`freezebench.sparsity`, ``sparsity.*``; :mod:`freezebench.sieve`, ``data.sieve.*``; see their
+  (:mod:`freezebench.features.sparsity`, ``sparsity.*``; :mod:`freezebench.features.sieve`, ``data.sieve.*``; see their
   docstrings for the rules). SpFDE *is* their combination with freezing, so this policy declares them in
   :attr:`SpFDE.config_defaults`: ``policy=spfde`` turns on ``sparsity.enabled`` and ``data.sieve.enabled``
   with their defaults (80% ERK sparsity, MEST-style prune-and-regrow every 100 steps until 75% of

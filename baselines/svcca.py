@@ -9,7 +9,7 @@ Paper: Maithra Raghu, Justin Gilmer, Jason Yosinski and Jascha Sohl-Dickstein, "
 Canonical Correlation Analysis for Deep Learning Dynamics and Interpretability", NeurIPS 2017. Its
 "Freeze Training" section observes that networks converge bottom-up and proposes to freeze the lower layers in
 turn; the paper publishes only its analysis code, so the *trigger* below is ours (see
-``shared/design/ALGORITHMS.md``, "SVCCA freezing"). Similarity: :func:`freezebench.similarity.svcca`.
+``shared/design/ALGORITHMS.md``, "SVCCA freezing"). Similarity: :func:`freezebench.analysis.similarity.svcca`.
 
 Rule: at each check (``checks_per_epoch`` evenly spaced optimiser steps per epoch, the last at the epoch's
 end) compute, for every active unit, the SVCCA similarity between its outputs on the fixed probe batch now
@@ -78,7 +78,7 @@ from torch import nn
 
 from freezebench.errors import ConfigError
 from freezebench.policy import Decision, FreezePolicy, Plan, PolicyConfig, Signal, Signals
-from freezebench.similarity import svcca
+from freezebench.analysis.similarity import svcca
 
 from .cka_oracle import check_steps
 

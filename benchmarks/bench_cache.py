@@ -41,7 +41,7 @@ import torch.nn.functional as F
 import bench_step
 from bench_step import load_avg, machine_info, measure, sync
 from freezebench.config import load_config
-from freezebench.data import build_data
+from freezebench.zoo.data import build_data
 from freezebench.trainer import Trainer, resolve_device
 
 NUM_CLASSES = 10
@@ -66,7 +66,7 @@ class Suffix:
     """A bare loop training the suffix after cut ``k`` on inputs precomputed once (the cache's lower bound)."""
 
     def __init__(self, trainer: Trainer, k: int, args: argparse.Namespace):
-        from freezebench.cache import ModelSplit
+        from freezebench.features.cache import ModelSplit
 
         self.model = copy.deepcopy(trainer.model)
         self.device = trainer.device

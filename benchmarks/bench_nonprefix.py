@@ -8,7 +8,7 @@ SmartFRZ freezes units in the middle of the network, so the backward pass still 
 input gradients are needed by the trainable units before them); only their weight gradients, BatchNorm
 statistics and optimiser updates are saved. This isolates one optimiser step (forward, cross-entropy,
 ``zero_grad``, backward, ``SGD.step`` with the trainer's one param group per unit) of the same model and
-batch, frozen through :class:`~freezebench.freezer.Freezer` exactly as the trainer freezes, for:
+batch, frozen through :class:`~freezebench.trainer.freezer.Freezer` exactly as the trainer freezes, for:
 
 * ``none``: nothing frozen;
 * ``mid``: ``fraction`` of the freezable units, centred, frozen (weights, BatchNorm in eval mode, optimiser);
@@ -35,8 +35,8 @@ import torch.nn.functional as F
 
 from bench_step import load_avg, machine_info
 from freezebench.cost import CostModel
-from freezebench.freezer import Freezer, param_groups
-from freezebench.models import build_model
+from freezebench.trainer.freezer import Freezer, param_groups
+from freezebench.zoo.models import build_model
 from freezebench.trainer import resolve_device
 from freezebench.units import example_batch, partition
 

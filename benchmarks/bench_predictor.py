@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from freezebench.models import build_model
+from freezebench.zoo.models import build_model
 from freezebench.predictors.history import HistoryBuffer
 from freezebench.predictors.model import predictor_flops
 from freezebench.predictors.tailoring import Tailor

@@ -8,7 +8,7 @@ What it measures, per model (same architecture, same initial weights, same batch
 
 (a) trainer overhead: the freezebench :class:`~freezebench.trainer.Trainer` (``policy=full``) against a bare
     PyTorch loop (forward, cross-entropy, ``zero_grad``, backward, ``SGD.step``), both iterating the very same
-    :class:`~freezebench.data.TensorLoader` of synthetic CIFAR-shaped tensors. The trainer's time is its own
+    :class:`~freezebench.zoo.data.TensorLoader` of synthetic CIFAR-shaped tensors. The trainer's time is its own
     per-epoch ``time/train_s`` (the timed training loop, synchronised, without evaluation or policy time)
     divided by the steps; the bare loop is timed over exactly the same span (loader iteration included,
     synchronised before and after). Figure: ``overhead_ratio`` = trainer / bare (target <= 1.03).
@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from freezebench.config import load_config
-from freezebench.data import DataBundle, build_data
+from freezebench.zoo.data import DataBundle, build_data
 from freezebench.trainer import Trainer, resolve_device
 
 FRACTIONS = (0.25, 0.5, 0.75)
@@ -196,7 +196,7 @@ class Bare:
         o = cfg.optim
         params: Any = model.parameters()
         if groups:  # one param group per unit, as the trainer builds them
-            from freezebench.freezer import param_groups
+            from freezebench.trainer.freezer import param_groups
             from freezebench.units import partition
 
             probe = data.probe_batch(2, seed=0)[0]

@@ -100,7 +100,7 @@ def _plugin_commands(sub: argparse._SubParsersAction) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .trainer import Trainer
+    from .trainer.loop import Trainer
 
     from .errors import TrainingInterrupted
 
@@ -113,7 +113,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"freezebench: {e}", file=sys.stderr)
         return 128 + e.signum
     finally:
-        from .distributed import cleanup
+        from .trainer.distributed import cleanup
 
         cleanup()
     if trainer.rank != 0:  # under torchrun rank 0 reports
@@ -211,7 +211,7 @@ def _log_predictor_step(name: str, tags: dict, params: dict, metrics: dict, path
 
     import mlflow
 
-    from .tracking import resolve_uri
+    from .trainer.tracking import resolve_uri
 
     mlflow.set_tracking_uri(resolve_uri(None))
     mlflow.set_experiment("freezebench-predictor")

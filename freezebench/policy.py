@@ -1,7 +1,7 @@
 """The freezing-policy interface: a policy decides, the trainer freezes.
 
 A policy observes read-only signals and returns :class:`Decision` objects; it never touches
-``requires_grad``, the optimiser or norm layers itself (that is :class:`freezebench.freezer.Freezer`'s job),
+``requires_grad``, the optimiser or norm layers itself (that is :class:`freezebench.trainer.freezer.Freezer`'s job),
 so every policy gets identical mechanics and a comparison compares decisions only.
 
 Life cycle, driven by :class:`freezebench.trainer.Trainer`::

@@ -1,6 +1,6 @@
 """Name -> factory registries for policies, models and datasets.
 
-Built-in models and datasets register themselves in :mod:`freezebench.models` and :mod:`freezebench.data`.
+Built-in models and datasets register themselves in :mod:`freezebench.zoo.models` and :mod:`freezebench.zoo.data`.
 Policies are plug-ins found through the Python entry-point group ``freezebench.policies`` (this package's
 own baselines and SmartFRZ included), so the core never imports the policy zoo and a third-party package
 adds a policy by declaring, in its ``pyproject.toml``::
@@ -91,8 +91,8 @@ def _policy_registry() -> Registry[Any]:
 
 POLICIES: Registry[Any] = _policy_registry()
 MODELS: Registry[Callable[..., Any]] = Registry(
-    "model", group="freezebench.models", builtin_modules=("freezebench.models",)
+    "model", group="freezebench.models", builtin_modules=("freezebench.zoo.models",)
 )
 DATASETS: Registry[Callable[..., Any]] = Registry(
-    "dataset", group="freezebench.datasets", builtin_modules=("freezebench.data",)
+    "dataset", group="freezebench.datasets", builtin_modules=("freezebench.zoo.data",)
 )

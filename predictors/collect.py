@@ -48,7 +48,7 @@ from freezebench.fileio import atomic_torch_save
 
 from freezebench.baselines.cka_oracle import build_reference, cka_ready
 from freezebench.policy import FreezePolicy, Plan, PolicyConfig, Signal, Signals
-from freezebench.similarity import cka_from_grams, gram_linear
+from freezebench.analysis.similarity import cka_from_grams, gram_linear
 
 from .tailoring import Tailor
 

@@ -99,7 +99,7 @@ def _create_parent(space: Space, study_name: str, storage_url: str, cfg: Any) ->
         return None
     from mlflow.tracking import MlflowClient
 
-    from freezebench.tracking import git_commit, resolve_uri
+    from freezebench.trainer.tracking import git_commit, resolve_uri
 
     uri = resolve_uri(cfg.tracking.uri)
     tags = {"kind": "sweep", "sweep": space.name, "study": study_name, "storage": redact(storage_url),
@@ -344,7 +344,7 @@ def _failed_child_run(cfg: Any, parent: str, run_name: str, tags: dict[str, str]
     try:
         from mlflow.tracking import MlflowClient
 
-        from freezebench.tracking import resolve_uri
+        from freezebench.trainer.tracking import resolve_uri
 
         client = MlflowClient(resolve_uri(cfg.tracking.uri))
         exp_id = client.get_run(parent).info.experiment_id
@@ -416,7 +416,7 @@ def _nest(cfg: Any, parent: str, tags: dict[str, str]) -> None:
     from mlflow.tracking import MlflowClient
     from omegaconf import open_dict
 
-    from freezebench.tracking import resolve_uri
+    from freezebench.trainer.tracking import resolve_uri
 
     client = MlflowClient(resolve_uri(cfg.tracking.uri))
     cfg.tracking.parent_run_id = parent
@@ -519,7 +519,7 @@ def run_sweep(
 def _check_parent(space: Space, parent: str) -> None:
     from mlflow.tracking import MlflowClient
 
-    from freezebench.tracking import resolve_uri
+    from freezebench.trainer.tracking import resolve_uri
 
     cfg = _base_cfg(space)
     uri = resolve_uri(cfg.tracking.uri)
@@ -533,7 +533,7 @@ def _check_parent(space: Space, parent: str) -> None:
 def _tag_run(space: Space, run_id: str, tags: dict[str, str]) -> None:
     from mlflow.tracking import MlflowClient
 
-    from freezebench.tracking import resolve_uri
+    from freezebench.trainer.tracking import resolve_uri
 
     with contextlib.suppress(Exception):
         client = MlflowClient(resolve_uri(_base_cfg(space).tracking.uri))

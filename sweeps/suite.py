@@ -21,7 +21,7 @@ A suite is a file in ``configs/suites/`` (or any path): a sweep space (:mod:`fre
 
 It runs through :func:`freezebench.sweeps.run_sweep` (so an interrupted suite resumes where it stopped, and
 more workers on the same ``--storage`` share the trials), every trial tagged ``suite=<name>``; then
-:func:`freezebench.report.compare` builds the report of the runs tagged with the suite, logs it as the MLflow
+:func:`freezebench.analysis.report.compare` builds the report of the runs tagged with the suite, logs it as the MLflow
 run ``report-<name>`` and writes ``outputs/report-<name>/``.
 """
 
@@ -165,8 +165,8 @@ def _reference_runs(suite: Suite, uri: str, experiment: str) -> dict[tuple[str, 
 def run_suite(name: str, overrides: list[str] | None = None, seeds: list[int] | None = None, storage: str | None = None,
               out: str | None = None, run: bool = True, echo: Any = print, **sweep_kw: Any) -> tuple[Any, Path, str | None]:
     """Run the suite's sweeps (unless ``run`` is false), then build, write and log its report."""
-    from freezebench.report import compare
-    from freezebench.tracking import resolve_uri
+    from freezebench.analysis.report import compare
+    from freezebench.trainer.tracking import resolve_uri
 
     from .runner import run_sweep
 
@@ -232,7 +232,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_suite(args: argparse.Namespace) -> int:
     from freezebench.cli import _split_overrides
-    from freezebench.report import render
+    from freezebench.analysis.report import render
 
     from .cli import _seeds
 

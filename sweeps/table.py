@@ -177,7 +177,7 @@ def finish_report(study: Any, parent: str | None, *, space: Any = None, plots: b
         return rows, text
     from mlflow.tracking import MlflowClient
 
-    from freezebench.tracking import resolve_uri
+    from freezebench.trainer.tracking import resolve_uri
 
     try:
         from freezebench.config import load_config

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from freezebench.cache import ModelSplit, PrefixCache
+from freezebench.features.cache import ModelSplit, PrefixCache
 from freezebench.config import load_config
 from freezebench.errors import ConfigError
-from freezebench.models import build_model
+from freezebench.zoo.models import build_model
 from freezebench.trainer import Trainer
 from freezebench.units import example_batch, partition
 
@@ -160,7 +160,7 @@ def test_untraceable_model_is_refused_at_construction(tiny_overrides):
 
 
 def test_random_augmentation_is_refused(tiny_overrides):
-    from freezebench.data import build_data
+    from freezebench.zoo.data import build_data
 
     cfg = load_config(_static(tiny_overrides, 0.5))
     data = build_data(cfg.data, seed=0, device="cpu")

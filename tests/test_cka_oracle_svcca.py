@@ -32,7 +32,7 @@ from freezebench.baselines.svcca import (
 from freezebench.config import load_config
 from freezebench.errors import ConfigError
 from freezebench.policy import Signals
-from freezebench.similarity import cka_from_grams, gram_linear, linear_cka
+from freezebench.analysis.similarity import cka_from_grams, gram_linear, linear_cka
 from freezebench.trainer import Trainer
 
 FLAT_HIGH = [0.2, 0.5, 0.80, 0.801, 0.799]  # stable and above the cutoff: freeze
@@ -124,7 +124,7 @@ def reference(tmp_path_factory):
 
 
 def _save(path, model_name, num_classes=4, in_channels=3, image_size=8, **extra):
-    from freezebench.models import build_model
+    from freezebench.zoo.models import build_model
 
     model = build_model(model_name, num_classes=num_classes, in_channels=in_channels, image_size=image_size)
     torch.save({"model_state": model.state_dict(), "model_name": model_name, "num_classes": num_classes,

@@ -8,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from freezebench.config import DataConfig
-from freezebench.data import build_data, random_crop_flip
+from freezebench.zoo.data import build_data, random_crop_flip
 from freezebench.errors import DatasetNotFoundError
 
 
@@ -129,7 +129,7 @@ def test_imagefolder(tmp_path):
 
 def test_augmentation_is_fixed_per_epoch_but_changes_between_epochs():
     """Why the frozen-prefix cache refuses random augmentation: a sample's input differs from epoch to epoch."""
-    from freezebench.data import TensorLoader
+    from freezebench.zoo.data import TensorLoader
 
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(12, 3, 8, 8, generator=g), torch.arange(12) % 3

@@ -16,9 +16,9 @@ import mlflow
 import pytest
 import torch
 
-from freezebench import checkpoint as ckpt
-from freezebench.distributed import ShardedLoader
-from freezebench.data import TensorLoader
+from freezebench.trainer import checkpoint as ckpt
+from freezebench.trainer.distributed import ShardedLoader
+from freezebench.zoo.data import TensorLoader
 
 HERE = Path(__file__).resolve().parent
 

@@ -14,7 +14,7 @@ from freezebench.baselines.egeria import (Egeria, EgeriaConfig, quantize_int8_, 
 from freezebench.config import load_config
 from freezebench.errors import ConfigError
 from freezebench.policy import Plan, Signals
-from freezebench.similarity import sp_gram, sp_loss, sp_loss_from_grams
+from freezebench.analysis.similarity import sp_gram, sp_loss, sp_loss_from_grams
 from freezebench.trainer import Trainer
 from freezebench.units import capture_outputs, partition
 

@@ -13,8 +13,8 @@ import threading
 import pytest
 import torch
 
-from freezebench import checkpoint as ckpt
-from freezebench import tracking
+from freezebench.trainer import checkpoint as ckpt
+from freezebench.trainer import tracking
 from freezebench.cli import main
 from freezebench.config import load_config
 from freezebench.errors import CheckpointError, TrackingError
@@ -40,7 +40,7 @@ def test_unreachable_tracking_server_fails_before_training(capsys, tiny_override
     monkeypatch.chdir(tmp_path)
     uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
     built = []
-    monkeypatch.setattr("freezebench.trainer.build_data", lambda *a, **k: built.append(1))
+    monkeypatch.setattr("freezebench.trainer.loop.build_data", lambda *a, **k: built.append(1))
     line = _one_line_error(capsys, main(["train", *tiny_overrides, f"tracking.uri={uri}"]))
     assert f"MLflow tracking server {uri} is unreachable" in line and "tracking.enabled=false" in line
     assert built == []  # detected before the data (let alone training) was touched

@@ -1,4 +1,4 @@
-"""Tests of the model zoo (:mod:`freezebench.models`)."""
+"""Tests of the model zoo (:mod:`freezebench.zoo.models`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from freezebench.errors import FreezebenchError, UnknownNameError
-from freezebench.models import build_model, deit_patch_size, list_models
+from freezebench.zoo.models import build_model, deit_patch_size, list_models
 from freezebench.registry import MODELS
 
 ALL_MODELS = MODELS.names()  # every registered model is tested automatically
@@ -197,7 +197,7 @@ def test_pretrained_partial_load_from_cache(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.delenv("FREEZEBENCH_ALLOW_DOWNLOAD", raising=False)
 
-    with caplog.at_level(logging.INFO, logger="freezebench.models"):
+    with caplog.at_level(logging.INFO, logger="freezebench.zoo.models"):
         model = build_model("resnet18", num_classes=10, in_channels=3, image_size=32, pretrained=True)
     assert torch.equal(model.layer1[0].conv1.weight, reference.layer1[0].conv1.weight)
     assert torch.equal(model.bn1.running_var, reference.bn1.running_var)

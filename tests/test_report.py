@@ -13,7 +13,7 @@ import pytest
 
 from freezebench.cli import main
 from freezebench.errors import FreezebenchError
-from freezebench.report import (FIGURES, HEADER, Report, Row, RunRecord, Stat, build_report, compare, fmt_stat,
+from freezebench.analysis.report import (FIGURES, HEADER, Report, Row, RunRecord, Stat, build_report, compare, fmt_stat,
                                 freeze_epochs, load_runs, pareto_front, policy_order, render)
 
 SUITE = "tags.suite = 't'"

@@ -17,7 +17,7 @@ import mlflow
 import pytest
 import torch
 
-from freezebench import checkpoint as ckpt
+from freezebench.trainer import checkpoint as ckpt
 from freezebench.cli import main
 from freezebench.config import load_config
 from freezebench.errors import CheckpointError

@@ -1,4 +1,4 @@
-"""Data sieving (freezebench.sieve): partial set size, FIFO rotation, full coverage, trainer integration."""
+"""Data sieving (freezebench.features.sieve): partial set size, FIFO rotation, full coverage, trainer integration."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from freezebench.config import load_config
-from freezebench.data import TensorLoader
+from freezebench.zoo.data import TensorLoader
 from freezebench.errors import ConfigError
-from freezebench.sieve import Sieve, SievedLoader
+from freezebench.features.sieve import Sieve, SievedLoader
 from freezebench.trainer import Trainer
 
 

@@ -1,4 +1,4 @@
-"""Tests of freezebench.similarity: published reference values, exact identities, degenerate inputs."""
+"""Tests of freezebench.analysis.similarity: published reference values, exact identities, degenerate inputs."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from freezebench.errors import FreezebenchError
-from freezebench.similarity import (
+from freezebench.analysis.similarity import (
     SimilarityError,
     center_gram,
     cka_from_grams,

@@ -1,4 +1,4 @@
-"""Sparse training (freezebench.sparsity): densities, masks that stay zero, prune-and-regrow, cost scaling."""
+"""Sparse training (freezebench.features.sparsity): densities, masks that stay zero, prune-and-regrow, cost scaling."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from torch import nn
 from freezebench.config import SparsityConfig, load_config
 from freezebench.cost import CostModel
 from freezebench.errors import ConfigError
-from freezebench.freezer import Freezer, param_groups
-from freezebench.sparsity import Sparsity, erk_densities, keep_count, uniform_densities
+from freezebench.trainer.freezer import Freezer, param_groups
+from freezebench.features.sparsity import Sparsity, erk_densities, keep_count, uniform_densities
 from freezebench.trainer import Trainer
 from freezebench.units import partition
 

@@ -8,7 +8,7 @@ import yaml
 
 from freezebench.cli import main
 from freezebench.config import load_config
-from freezebench.report import render
+from freezebench.analysis.report import render
 from freezebench.sweeps.runner import _validate_points
 from freezebench.sweeps.space import SweepError
 from freezebench.sweeps.suite import available_suites, load_suite, run_suite, stages

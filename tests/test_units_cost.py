@@ -7,7 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from freezebench.cost import CostModel
 from freezebench.errors import ConfigError
-from freezebench.models import build_model
+from freezebench.zoo.models import build_model
 from freezebench.units import partition
 
 

@@ -43,8 +43,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import ConfigError
-from .units import Unit
+from ..errors import ConfigError
+from ..units import Unit
 
 log = logging.getLogger(__name__)
 

@@ -126,7 +126,7 @@ def wrap(model: torch.nn.Module, device: torch.device, old: Any = None) -> torch
 
 
 class ShardedLoader:
-    """Rank ``rank``'s share of a training or validation loader of :mod:`freezebench.data`.
+    """Rank ``rank``'s share of a training or validation loader of :mod:`freezebench.zoo.data`.
 
     The order of an epoch is the base loader's (the same seeded permutation); ``pad`` wraps it to a multiple
     of ``world`` so every rank gets the same number of batches (training), or leaves the shards uneven
@@ -190,6 +190,6 @@ class ShardedLoader:
 
 
 def shard_data(data: Any, ctx: Dist) -> Any:
-    """A :class:`freezebench.data.DataBundle` whose loaders give this rank's shards."""
+    """A :class:`freezebench.zoo.data.DataBundle` whose loaders give this rank's shards."""
     return replace(data, train=ShardedLoader(data.train, ctx.rank, ctx.world_size, pad=True),
                    val=ShardedLoader(data.val, ctx.rank, ctx.world_size, pad=False))

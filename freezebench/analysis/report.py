@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import FreezebenchError
+from ..errors import FreezebenchError
 
 # final metrics every training run logs (freezebench.trainer), the same keys for every policy
 KEYS = {
@@ -129,7 +129,7 @@ class Report:
 def _client(uri: str | None) -> Any:
     import mlflow
 
-    from .tracking import resolve_uri
+    from ..trainer.tracking import resolve_uri
 
     uri = resolve_uri(uri)
     return mlflow.tracking.MlflowClient(uri), uri
@@ -156,7 +156,7 @@ def load_runs(experiment: str = "freezebench", filter: str | None = None, uri: s
         raise FreezebenchError(f"cannot read the MLflow store at {uri}: {str(e).splitlines()[0]}") from None
     if exp is None:
         known = [e.name for e in client.search_experiments()]
-        from .errors import did_you_mean
+        from ..errors import did_you_mean
 
         raise FreezebenchError(f"no MLflow experiment {experiment!r} at {uri}.{did_you_mean(experiment, known)} "
                                f"Experiments: {', '.join(known) or '(none)'}")
@@ -564,7 +564,7 @@ def compare(experiment: str = "freezebench", filter: str | None = None, uri: str
             title: str | None = None, tags: dict[str, str] | None = None, progress: bool = False,
             vary: Sequence[str] = ()) -> tuple[Report, Path, str | None]:
     """Read the runs, build the report, write the folder and (``log``) log the ``report`` run."""
-    from .tracking import resolve_uri
+    from ..trainer.tracking import resolve_uri
 
     name = name or experiment
     runs = load_runs(experiment, filter, uri, details=True, progress=progress, vary=vary)

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import FreezebenchError
-from .units import Unit
+from ..errors import FreezebenchError
+from ..units import Unit
 
 
 @dataclass(frozen=True)

@@ -42,8 +42,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import CheckpointError
-from .fileio import atomic_torch_save
+from ..errors import CheckpointError
+from ..fileio import atomic_torch_save
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ def build_payload(tr: Any, *, epoch: int, batch: int, epoch_acc: dict[str, Any] 
     ``epoch``/``batch``: the epoch in progress and the batches of it already trained on (``batch = 0``: the
     epoch has not started); ``epoch_acc``: that epoch's partial sums; ``rng``: every rank's random states.
     """
-    from .config import flatten, to_yaml
+    from ..config import flatten, to_yaml
 
     payload = tr.checkpoint_payload()  # weights + model description (model.checkpoint=last.pt works too)
     payload.update({
@@ -248,7 +248,7 @@ def restore(tr: Any, payload: Mapping[str, Any], path: str | Path) -> None:
     except CheckpointError:
         raise
     except Exception as e:  # shapes, keys, a policy refusing its state: the file does not fit this run
-        from .errors import FreezebenchError
+        from ..errors import FreezebenchError
 
         if isinstance(e, FreezebenchError):
             raise CheckpointError(f"checkpoint {str(path)!r}: {e}") from e

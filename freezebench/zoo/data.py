@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import DatasetNotFoundError
-from .registry import DATASETS
+from ..errors import DatasetNotFoundError
+from ..registry import DATASETS
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 

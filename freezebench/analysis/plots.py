@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 def freeze_timeline(unit_names: Sequence[str], events: Sequence[Any], epochs: float, title: str = "") -> Any:
     """A horizontal bar per unit: trained (blue) until it is frozen, frozen (grey) after.
 
-    ``events`` are :class:`freezebench.freezer.FreezeEvent` objects (or dicts with unit/epoch/action).
+    ``events`` are :class:`freezebench.trainer.freezer.FreezeEvent` objects (or dicts with unit/epoch/action).
     """
     L = len(unit_names)
     fig, ax = plt.subplots(figsize=(9, max(2.5, 0.22 * L + 1.2)))

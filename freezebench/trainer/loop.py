@@ -32,22 +32,22 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from . import __version__
+from .. import __version__
 from . import checkpoint as ckpt
 from . import distributed
-from .config import flatten, to_yaml
-from .cost import CostModel
-from .data import DataBundle, build_data
-from .cache import PrefixCache
-from .errors import ConfigError, NonFiniteLossError, TrainingInterrupted
-from .fileio import atomic_torch_save
+from ..config import flatten, to_yaml
+from ..cost import CostModel
+from ..zoo.data import DataBundle, build_data
+from ..features.cache import PrefixCache
+from ..errors import ConfigError, NonFiniteLossError, TrainingInterrupted
+from ..fileio import atomic_torch_save
 from .freezer import FreezeEvent, Freezer, param_groups
-from .policy import Decision, FreezePolicy, Plan, Signal, Signals
-from .registry import MODELS, POLICIES
-from .sieve import sieve_data
-from .sparsity import build_sparsity
+from ..policy import Decision, FreezePolicy, Plan, Signal, Signals
+from ..registry import MODELS, POLICIES
+from ..features.sieve import sieve_data
+from ..features.sparsity import build_sparsity
 from .tracking import NullTracker, check_reachable, csv_text, git_commit, make_tracker, resolve_uri
-from .units import Partition, capture_outputs, partition
+from ..units import Partition, capture_outputs, partition
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class Trainer:
                  policy: FreezePolicy | None = None):
         self.cfg = cfg
         tc = cfg.trainer
-        self.dist = distributed.from_env()  # under torchrun: data parallel (freezebench.distributed)
+        self.dist = distributed.from_env()  # under torchrun: data parallel (freezebench.trainer.distributed)
         self.rank, self.world_size = (self.dist.rank, self.dist.world_size) if self.dist else (0, 1)
         if cfg.tracking.enabled and self.rank == 0:  # an unreachable server fails before data and model are built
             check_reachable(resolve_uri(cfg.tracking.uri))
@@ -145,7 +145,7 @@ class Trainer:
             self.data = distributed.shard_data(self.data, self.dist)
         info = self.data.info
         if model is None:
-            from .models import build_model
+            from ..zoo.models import build_model
 
             MODELS.get(cfg.model.name)  # clear error for unknown names before anything else
             model = build_model(cfg.model.name, num_classes=info.num_classes, in_channels=info.in_channels,
@@ -552,7 +552,7 @@ class Trainer:
         return RunResult(run_id=self.tracker.run_id, metrics=final, history=history,
                          events=list(self.freezer.events), unit_names=[u.name for u in self.units])
 
-    # --- checkpoint and resume (freezebench.checkpoint) ------------------------------------------------
+    # --- checkpoint and resume (freezebench.trainer.checkpoint) ------------------------------------------------
     @property
     def run_dir(self) -> Path:
         """Where last.pt goes: ``<trainer.output_dir>/<MLflow run id, or the run name when untracked>``, or the
@@ -607,7 +607,7 @@ class Trainer:
 
     def save_state(self, *, epoch: int, batch: int, epoch_acc: dict[str, Any] | None, accounting: dict[str, Any],
                    finished: bool = False) -> Path | None:
-        """Write the full training state to :attr:`run_dir`/last.pt atomically (see :mod:`freezebench.checkpoint`)."""
+        """Write the full training state to :attr:`run_dir`/last.pt atomically (see :mod:`freezebench.trainer.checkpoint`)."""
         local = {"rng": ckpt.rng_state(), "epoch_acc": epoch_acc}  # per rank
         ranks = distributed.all_gather_object(local) if self.dist is not None else [local]
         path: Path | None = None
@@ -634,7 +634,7 @@ class Trainer:
             self.save_state(epoch=self.plan.epochs, batch=0, epoch_acc=None, accounting=self._final_accounting,
                             finished=True)
 
-    # --- data parallelism (freezebench.distributed) ----------------------------------------------------
+    # --- data parallelism (freezebench.trainer.distributed) ----------------------------------------------------
     def _decide(self, step: int) -> Decision | None:
         """The policy's decision; under DDP rank 0's, broadcast, so every rank freezes the same units."""
         decision = self.policy.decide(step)
@@ -733,7 +733,7 @@ class Trainer:
         }
         self.tracker.log_text(csv_text(cols), "freeze_events.csv")
         self.tracker.log_table(cols, "freeze_events.json")
-        from .plots import freeze_timeline
+        from ..analysis.plots import freeze_timeline
 
         import matplotlib.pyplot as plt
 

@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from .data import Batch, DataBundle, TensorLoader
+from ..zoo.data import Batch, DataBundle, TensorLoader
 
 
 class Sieve:

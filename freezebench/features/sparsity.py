@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 MASKED_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 _STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")

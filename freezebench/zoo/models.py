@@ -2,7 +2,7 @@
 
 Usage::
 
-    from freezebench.models import build_model, list_models
+    from freezebench.zoo.models import build_model, list_models
 
     list_models()            # ['deit_tiny', 'mlp', 'mobilenet_v2', 'resnet18', 'resnet20', ...]
     model = build_model("resnet20", num_classes=10, in_channels=3, image_size=32)
@@ -48,8 +48,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from .errors import ConfigError, FreezebenchError
-from .registry import MODELS
+from ..errors import ConfigError, FreezebenchError
+from ..registry import MODELS
 
 __all__ = ["build_model", "list_models", "deit_patch_size", "CifarResNet", "BasicBlock"]
 

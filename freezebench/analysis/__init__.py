@@ -1,0 +1,1 @@
+"""Looking at results: representation similarity (CKA, SVCCA), the comparison report and the plots."""

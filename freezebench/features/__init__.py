@@ -1,0 +1,1 @@
+"""Optional trainer features, each in its own module: the frozen-prefix cache, sparse training, data sieving."""
