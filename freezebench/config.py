@@ -12,6 +12,7 @@ suggesting the nearest known one.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -187,6 +188,20 @@ def _parse_overrides(overrides: list[str]) -> list[str]:
         if not key:
             raise ConfigError(f"override {o!r} has an empty key")
         out.append(o)
+    return out
+
+
+def split_overrides(items: Sequence[str]) -> list[str]:
+    """Command-line overrides as ``key=value`` items. An item may hold several, as one string
+    (``mlflow run -P overrides="a=1 b=2"``, a shell variable): such items are split on shell rules."""
+    import shlex
+
+    out: list[str] = []
+    for item in items:
+        try:
+            out.extend(shlex.split(item) if (" " in item.strip() or not item.strip()) else [item])
+        except ValueError as e:  # unbalanced quotes
+            raise ConfigError(f"cannot split the overrides {item!r} into key=value items: {e}") from None
     return out
 
 

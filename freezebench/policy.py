@@ -24,9 +24,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
+if TYPE_CHECKING:  # annotations only: the interface module loads without torch (fast `freezebench config`)
+    import torch
 
-if TYPE_CHECKING:
     from .units import Unit
 
 

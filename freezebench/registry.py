@@ -9,6 +9,11 @@ adds a policy by declaring, in its ``pyproject.toml``::
     my_policy = "my_package.module:MyPolicy"
 
 Entry-point groups ``freezebench.models`` and ``freezebench.datasets`` work the same way.
+
+Listing names imports nothing: policies come from entry-point metadata, and the built-in models and datasets
+from the name manifests below (``BUILTIN_MODELS``, ``BUILTIN_DATASETS``), so ``freezebench list`` and
+``freezebench --help`` start without torch, torchvision or the zoo. Only :meth:`Registry.get` imports the
+module that defines a name. ``tests/test_startup.py`` checks that the manifests match what the zoo registers.
 """
 
 from __future__ import annotations
@@ -26,16 +31,20 @@ T = TypeVar("T")
 class Registry(Generic[T]):
     """A registry of named objects, filled by decorators, an entry-point group and built-in modules.
 
-    ``builtin_modules`` are imported lazily on first look-up (their decorators register their contents);
-    ``group`` is the entry-point group scanned on first look-up.
+    ``builtin_modules`` are imported lazily on first :meth:`get` (their decorators register their contents);
+    ``builtin_names`` is the manifest of the names they register, so that :meth:`names` needs no import;
+    ``group`` is the entry-point group, read (metadata only, nothing imported) on first look-up.
     """
 
-    def __init__(self, kind: str, group: str | None = None, builtin_modules: tuple[str, ...] = ()):
+    def __init__(self, kind: str, group: str | None = None, builtin_modules: tuple[str, ...] = (),
+                 builtin_names: tuple[str, ...] = ()):
         self.kind = kind
         self.group = group
         self._builtin_modules = builtin_modules
+        self._builtin_names = builtin_names
         self._items: dict[str, T] = {}
         self._entry_points: dict[str, Any] = {}
+        self._scanned = False
         self._loaded = False
 
     def register(self, name: str, obj: T | None = None) -> Any:
@@ -49,26 +58,39 @@ class Registry(Generic[T]):
 
         return add(obj) if obj is not None else add
 
+    def _scan(self) -> None:
+        """Read the entry-point group's metadata (imports nothing)."""
+        if self._scanned:
+            return
+        self._scanned = True
+        if self.group:
+            for ep in entry_points(group=self.group):
+                self._entry_points.setdefault(ep.name, ep)
+
     def _load(self) -> None:
+        self._scan()
         if self._loaded:
             return
         self._loaded = True
         for mod in self._builtin_modules:
             importlib.import_module(mod)
-        if self.group:
-            for ep in entry_points(group=self.group):
-                self._entry_points.setdefault(ep.name, ep)
 
     def names(self) -> list[str]:
-        self._load()
-        return sorted(set(self._items) | set(self._entry_points))
+        """Every known name, sorted; imports no module when the built-in modules come with a manifest."""
+        if self._builtin_names or not self._builtin_modules:
+            self._scan()
+            builtin: set[str] = set(self._builtin_names)
+        else:
+            self._load()
+            builtin = set()
+        return sorted(builtin | set(self._items) | set(self._entry_points))
 
     def get(self, name: str) -> T:
         self._load()
         if name not in self._items:
             ep = self._entry_points.get(name)
             if ep is None:
-                known = self.names()
+                known = sorted(set(self._items) | set(self._entry_points))
                 raise UnknownNameError(
                     f"unknown {self.kind} {name!r}.{did_you_mean(name, known)} Known {self.kind} names: {', '.join(known)}"
                 )
@@ -89,10 +111,17 @@ def _policy_registry() -> Registry[Any]:
     return Registry("policy", group="freezebench.policies")
 
 
+#: the names :mod:`freezebench.zoo.models` registers (kept in step by tests/test_startup.py)
+BUILTIN_MODELS = ("resnet20", "resnet32", "resnet56", "resnet18", "resnet50", "vgg11_bn", "mobilenet_v2",
+                  "deit_tiny", "tiny", "mlp")
+#: the names :mod:`freezebench.zoo.data` registers
+BUILTIN_DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagefolder")
+
 POLICIES: Registry[Any] = _policy_registry()
 MODELS: Registry[Callable[..., Any]] = Registry(
-    "model", group="freezebench.models", builtin_modules=("freezebench.zoo.models",)
+    "model", group="freezebench.models", builtin_modules=("freezebench.zoo.models",), builtin_names=BUILTIN_MODELS
 )
 DATASETS: Registry[Callable[..., Any]] = Registry(
-    "dataset", group="freezebench.datasets", builtin_modules=("freezebench.zoo.data",)
+    "dataset", group="freezebench.datasets", builtin_modules=("freezebench.zoo.data",),
+    builtin_names=BUILTIN_DATASETS,
 )

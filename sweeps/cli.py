@@ -50,7 +50,7 @@ def _seeds(text: str | None) -> list[int] | None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from freezebench.cli import _split_overrides
+    from freezebench.config import split_overrides
 
     from .runner import report, run_sweep
     from .space import available_spaces, load_space
@@ -73,7 +73,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise FreezebenchError("give a space: freezebench sweep SPACE [key=value ...] (freezebench sweep --list)")
     if args.max_trials is not None and args.max_trials < 1:
         raise FreezebenchError("--max-trials must be positive")
-    res = run_sweep(args.space, _split_overrides(args.overrides), seeds=_seeds(args.seeds), storage=args.storage,
+    res = run_sweep(args.space, split_overrides(args.overrides), seeds=_seeds(args.seeds), storage=args.storage,
                     study=args.study, heartbeat_s=args.heartbeat, grace_s=args.grace,
                     retry_failed=args.retry_failed, max_trials=args.max_trials, plots=not args.no_plots)
     if res.parent_run_id:

@@ -231,7 +231,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_suite(args: argparse.Namespace) -> int:
-    from freezebench.cli import _split_overrides
+    from freezebench.config import split_overrides
     from freezebench.analysis.report import render
 
     from .cli import _seeds
@@ -246,7 +246,7 @@ def cmd_suite(args: argparse.Namespace) -> int:
         raise FreezebenchError("give a suite: freezebench suite NAME [key=value ...] (freezebench suite --list)")
     if args.workers < 1:
         raise FreezebenchError("--workers must be at least 1")
-    overrides = _split_overrides(args.overrides)
+    overrides = split_overrides(args.overrides)
     seeds = _seeds(args.seeds)
     if args.no_report:  # a helper worker started by --workers: run the sweeps, leave the report to the first
         suite = load_suite(args.name)

@@ -41,6 +41,8 @@ from ..zoo.data import DataBundle, build_data
 from ..features.cache import PrefixCache
 from ..errors import ConfigError, NonFiniteLossError, TrainingInterrupted
 from ..fileio import atomic_torch_save
+from ..messages import epoch_line, position_text
+from ..progress import phase
 from .freezer import FreezeEvent, Freezer, param_groups
 from ..policy import Decision, FreezePolicy, Plan, Signal, Signals
 from ..registry import MODELS, POLICIES
@@ -79,7 +81,10 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.manual_seed(seed)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        if "torch._inductor.config" in sys.modules:  # torch.compile in use: its kernels too
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        else:  # the same flag without importing torch._inductor (and torch._dynamo): a second of start-up
+            torch._C._set_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
 
@@ -429,6 +434,7 @@ class Trainer:
             val_loss, val_acc = acc["val_loss"], acc["val_acc"]
             t_start -= acc["elapsed_s"]
             start_epoch = self._resumed["position"]["epoch"]
+        phase("train-start")  # FREEZEBENCH_PHASES=1: timestamps for benchmarks/bench_startup.py
         for epoch in range(start_epoch, plan.epochs):
             self.freezer.train_mode()
             self.data.train.set_epoch(epoch)
@@ -531,15 +537,13 @@ class Trainer:
             history.append(m)
             self.tracker.log_metrics(m, step=epoch + 1)
             if bar_enabled:
-                tqdm.write(
-                    f"epoch {epoch + 1:>3}/{plan.epochs}  loss {train_loss:.4f}  val/acc {val_acc:.4f}  "
-                    f"frozen {len(self.freezer.frozen)}/{len(self.units) - 1}  "
-                    f"{m['time/epoch_s']:.1f}s (policy {policy_s:.2f}s)",
-                    file=sys.stderr,
-                )
+                tqdm.write(epoch_line(epoch + 1, plan.epochs, train_loss, val_acc, len(self.freezer.frozen),
+                                      len(self.units) - 1, m["time/epoch_s"], policy_s,
+                                      time.perf_counter() - t_start), file=sys.stderr)
             accounting = self._accounting(tflops, tflops_full, history, val_loss, val_acc, t_start)
             if tc.checkpoint_every and (epoch + 1) % tc.checkpoint_every == 0 and not last:
                 self.save_state(epoch=epoch + 1, batch=0, epoch_acc=None, accounting=accounting)
+        phase("train-end")
         self._final_accounting = self._accounting(tflops, tflops_full, history, val_loss, val_acc, t_start)
         total = time.perf_counter() - t_start
         final = dict(history[-1]) if history else {}
@@ -580,7 +584,8 @@ class Trainer:
         if run_id and self.cfg.tracking.enabled:
             self.cfg.tracking.run_id = run_id
         pos = payload["position"]
-        log.warning("resuming from %s: epoch %d, batch %d, step %d%s", path, pos["epoch"], pos["batch"], pos["step"],
+        log.warning("resuming from %s at step %d (%s)%s", path, pos["step"],
+                    position_text(pos["epoch"], pos["batch"], self.plan.epochs, self.plan.steps_per_epoch),
                     f", MLflow run {run_id}" if run_id else "")
         return {"path": str(path), "position": pos, "epoch_acc": epoch_acc,
                 "accounting": payload["accounting"], "run_id": run_id}
@@ -674,7 +679,7 @@ class Trainer:
         path = self.save_state(epoch=epoch, batch=batch, epoch_acc=part, accounting=accounting)
         name = signal.Signals(signum).name
         raise TrainingInterrupted(
-            f"{name}: stopped at step {self.step} (epoch {epoch + 1}, batch {batch}); checkpoint {path}; continue "
+            f"{name}: stopped at step {self.step} ({position_text(epoch, batch, self.plan.epochs, self.plan.steps_per_epoch)}); checkpoint {path}; continue "
             f"with the same command line plus resume={path} (or resume=auto)", signum, str(path) if path else None)
 
     def _install_signal_handlers(self) -> Any:
@@ -733,13 +738,15 @@ class Trainer:
         }
         self.tracker.log_text(csv_text(cols), "freeze_events.csv")
         self.tracker.log_table(cols, "freeze_events.json")
-        from ..analysis.plots import freeze_timeline
+        if self.tracker.run_id:  # the figure (and matplotlib) only for a tracked run
+            from ..analysis.plots import freeze_timeline
 
-        import matplotlib.pyplot as plt
+            import matplotlib.pyplot as plt
 
-        fig = freeze_timeline(result.unit_names, ev, self.plan.epochs, title=self.run_name)
-        self.tracker.log_figure(fig, "freeze_timeline.png")
-        plt.close(fig)
+            fig = freeze_timeline(result.unit_names, ev, self.plan.epochs, title=self.run_name,
+                                  steps_per_epoch=self.plan.steps_per_epoch)
+            self.tracker.log_figure(fig, "freeze_timeline.png")
+            plt.close(fig)
         summary = {"run_id": result.run_id, "run_name": self.run_name, "metrics": result.metrics,
                    "frozen_units": sorted(self.freezer.frozen), "num_units": len(self.units),
                    "unit_names": result.unit_names}

@@ -40,6 +40,7 @@ class NullTracker:
 
     run_id: str | None = None
     uri: str | None = None
+    experiment_id: str | None = None
 
     def start(self, run_name: str, tags: dict[str, str]) -> None: ...
     def log_params(self, params: dict[str, Any]) -> None: ...
@@ -90,6 +91,7 @@ class MlflowTracker(NullTracker):
                 f"(tracking.uri or $MLFLOW_TRACKING_URI), or pass tracking.enabled=false to train untracked."
             ) from None
         self.run_id = run.info.run_id
+        self.experiment_id = run.info.experiment_id  # the UI's URLs name it (freezebench.messages)
         self._client = mlflow.tracking.MlflowClient(self.uri)
         if attach:
             tags = {**tags, "mlflow.runName": run_name}

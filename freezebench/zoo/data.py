@@ -251,9 +251,15 @@ def _cifar(name: str, cfg: Any, seed: int, device: Any) -> DataBundle:
 
     cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
     root = Path(cfg.root).expanduser()
+    # folders a failed download would leave behind (torchvision creates root before downloading)
+    created = [p for p in (root, *root.parents) if not p.exists()] if cfg.download else []
     try:
-        train = cls(str(root), train=True, download=cfg.download)
-        test = cls(str(root), train=False, download=cfg.download)
+        try:
+            train = cls(str(root), train=True, download=cfg.download)
+            test = cls(str(root), train=False, download=cfg.download)
+        except BaseException:
+            _remove_created(created)
+            raise
     except RuntimeError as e:
         folder = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
         raise DatasetNotFoundError(
@@ -269,6 +275,15 @@ def _cifar(name: str, cfg: Any, seed: int, device: Any) -> DataBundle:
     mean, std = (torch.tensor(v) for v in CIFAR_STATS[name])
     return _tensor_bundle(name, x, y, xv, yv, 10 if name == "cifar10" else 100, cfg, seed, device,
                           augment=cfg.augment, mean=mean, std=std)
+
+
+def _remove_created(created: list[Path]) -> None:
+    """Remove the folders this call created (the outermost holds the others), with whatever half-written
+    download they hold; folders that existed before are left alone."""
+    import shutil
+
+    if created:
+        shutil.rmtree(created[-1], ignore_errors=True)
 
 
 @DATASETS.register("cifar10")

@@ -45,7 +45,6 @@ from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 from ..errors import ConfigError, FreezebenchError
@@ -87,6 +86,7 @@ def _load_pretrained(model: nn.Module, tv_name: str) -> None:
 
     Reads the torch hub cache only, unless ``FREEZEBENCH_ALLOW_DOWNLOAD=1`` allows a download.
     """
+    import torchvision  # here, not at the top: `import torchvision` is slow and the CIFAR nets need none
     weights = torchvision.models.get_model_weights(tv_name).DEFAULT
     hub_dir = torch.hub.get_dir()
     cached = os.path.join(hub_dir, "checkpoints", os.path.basename(urlparse(weights.url).path))
@@ -235,6 +235,7 @@ def resnet56(*, num_classes: int, in_channels: int = 3, image_size: int = 32, pr
 def _torchvision_resnet(
     tv_name: str, *, num_classes: int, in_channels: int, image_size: int, pretrained: bool
 ) -> nn.Module:
+    import torchvision  # here, not at the top: `import torchvision` is slow and the CIFAR nets need none
     model = getattr(torchvision.models, tv_name)(weights=None, num_classes=num_classes)
     if image_size <= SMALL_INPUT_MAX:
         model.conv1 = _kaiming_conv(nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False))
@@ -279,6 +280,8 @@ def vgg11_bn(*, num_classes: int, in_channels: int = 3, image_size: int = 32, pr
     """
     # Built on the meta device and initialised once at the end: torchvision's constructor would allocate and
     # initialise the 102M-parameter 7x7 classifier even where it is replaced (seconds of CPU time).
+    import torchvision  # here, not at the top: `import torchvision` is slow and the CIFAR nets need none
+
     with torch.device("meta"):
         model = torchvision.models.vgg11_bn(weights=None, num_classes=num_classes, init_weights=False)
         first = model.features[0]
@@ -317,6 +320,7 @@ def mobilenet_v2(
 
     For ``image_size <= 64`` the stem conv has stride 1 (the common CIFAR adaptation).
     """
+    import torchvision  # here, not at the top: `import torchvision` is slow and the CIFAR nets need none
     model = torchvision.models.mobilenet_v2(weights=None, num_classes=num_classes)
     stem: nn.Conv2d = model.features[0][0]
     stride = 1 if image_size <= SMALL_INPUT_MAX else 2
@@ -348,6 +352,7 @@ def deit_tiny(*, num_classes: int, in_channels: int = 3, image_size: int = 32, p
     """
     _no_pretrained("deit_tiny", pretrained)
     patch = deit_patch_size(image_size)
+    import torchvision  # here, not at the top: `import torchvision` is slow and the CIFAR nets need none
     model = torchvision.models.VisionTransformer(
         image_size=image_size,
         patch_size=patch,
