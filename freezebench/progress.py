@@ -1,7 +1,7 @@
 """Progress with an ETA for the long commands (sweeps, suites, predictor collection and training, compare).
 
     from freezebench import progress
-    bar = progress.start(12, "sweep window", unit="trial")   # the outermost task of the command
+    bar = progress.start(12, 0, "sweep window", unit="trial")   # 0 of 12 done; the command's outer task
     progress.describe("trial 3 [policy.window=30 seed=0]")    # what runs now (shown beside the count)
     progress.advance()            # one more done; or progress.advance_to(done) with a count read elsewhere
     bar.close()
@@ -67,10 +67,10 @@ def eta_seconds(elapsed_s: float, done: int, total: int) -> float | None:
 class Progress:
     """``done`` of ``total`` items with an ETA: a tqdm bar on a terminal, silent otherwise."""
 
-    def __init__(self, total: int | None, desc: str, unit: str = "it", *, enable: bool | None = None,
-                 file: TextIO | None = None, leave: bool = False):
+    def __init__(self, total: int | None, done: int = 0, desc: str = "", unit: str = "it", *,
+                 enable: bool | None = None, file: TextIO | None = None, leave: bool = False):
         self.total, self.desc, self.unit = total, desc, unit
-        self.done = 0
+        self.done = done  # already done when the task starts (a sweep joined half-way): not in the ETA's rate
         self.file = sys.stderr if file is None else file
         self._bar: Any = None
         if enable is None:
@@ -78,18 +78,21 @@ class Progress:
         if enable:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total, desc=desc, unit=f" {unit}", file=self.file, leave=leave,
+            self._bar = tqdm(total=total, initial=done, desc=desc, unit=f" {unit}", file=self.file, leave=leave,
                              dynamic_ncols=True, mininterval=0.5)
 
-    def advance(self, n: int = 1) -> None:
+    def advance(self, n: int = 1, refresh: bool = False) -> None:
+        """``n`` more done; ``refresh``: redraw now (rare, slow items), else at most twice a second."""
         self.done += n
         if self._bar is not None:
             self._bar.update(n)
+            if refresh:
+                self._bar.refresh()
 
-    def advance_to(self, done: int) -> None:
+    def advance_to(self, done: int, refresh: bool = True) -> None:
         """Set the done count (read from shared state, e.g. trials finished by every worker)."""
         if done != self.done:
-            self.advance(done - self.done)
+            self.advance(done - self.done, refresh)
 
     def describe(self, text: str) -> None:
         """What runs now, shown after the count."""
@@ -110,9 +113,10 @@ class Progress:
         self.close()
 
 
-def start(total: int | None, desc: str, unit: str = "it", **kw: Any) -> Progress:
-    """Open a task that :func:`describe` / :func:`advance` / :func:`advance_to` then act on; close it when done."""
-    p = Progress(total, desc, unit, **kw)
+def start(total: int | None, done: int = 0, desc: str = "", unit: str = "it", **kw: Any) -> Progress:
+    """Open a task (``done`` of ``total`` at the start) that :func:`describe` / :func:`advance` /
+    :func:`advance_to` then act on; close it when done."""
+    p = Progress(total, done, desc, unit, **kw)
     _stack.append(p)
     return p
 
@@ -124,7 +128,7 @@ def describe(text: str) -> None:
 
 def advance(n: int = 1) -> None:
     if _stack:
-        _stack[-1].advance(n)
+        _stack[-1].advance(n, refresh=True)
 
 
 def advance_to(done: int) -> None:
@@ -137,7 +141,7 @@ def track(items: Iterable[T], desc: str, unit: str = "it", total: int | None = N
     """Iterate over ``items`` with a bar (``enable=False``: never; None: on a terminal)."""
     if total is None and hasattr(items, "__len__"):
         total = len(items)  # type: ignore[arg-type]
-    with Progress(total, desc, unit, enable=None if enable is None or enable else False) as p:
+    with Progress(total, 0, desc, unit, enable=None if enable is None or enable else False) as p:
         for item in items:
             yield item
             p.advance()

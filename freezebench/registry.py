@@ -90,7 +90,7 @@ class Registry(Generic[T]):
         if name not in self._items:
             ep = self._entry_points.get(name)
             if ep is None:
-                known = sorted(set(self._items) | set(self._entry_points))
+                known = sorted(set(self._builtin_names) | set(self._items) | set(self._entry_points))
                 raise UnknownNameError(
                     f"unknown {self.kind} {name!r}.{did_you_mean(name, known)} Known {self.kind} names: {', '.join(known)}"
                 )

@@ -203,10 +203,16 @@ def collect(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
+    from freezebench import progress
+
+    bar = progress.Progress(2, 0, "collect", unit="run")  # on a terminal: runs done of 2, ETA
+    bar.describe("reference run (policy full)")
     # 1. the reference
     ref_trainer = Trainer(cfg)
     ref_init = {k: v.detach().cpu().clone() for k, v in ref_trainer.model.state_dict().items()}
     ref_trainer.fit()
+    bar.advance()
+    bar.describe("recording run (snapshots + CKA)")
     with tempfile.TemporaryDirectory(prefix="smartfrz-collect-") as tmp:
         ref_path = ref_trainer.save_checkpoint(Path(tmp) / "reference.pt")
         unit_names = [u.name for u in ref_trainer.units]
@@ -222,6 +228,8 @@ def collect(
                                "set trainer.deterministic=true and do not pass model.pretrained/checkpoint that vary")
         init_hash, ref_init_hash = state_hash(init), state_hash(ref_init)
         result = trainer.fit()
+    bar.advance()
+    bar.close()
 
     # 3-4. labels and samples
     labels = [oracle_labels(h, oracle_window, var_threshold, cutoff) for h in rec.cka]

@@ -138,7 +138,9 @@ def train_predictor(
     train_loss_fn = nn.CrossEntropyLoss(weight=weight.float().to(dev))
 
     best: tuple[float, int, dict[str, torch.Tensor], torch.Tensor] | None = None
-    for epoch in range(1, epochs + 1):
+    from freezebench.progress import track
+
+    for epoch in track(range(1, epochs + 1), "training the predictor", unit="epoch"):  # a terminal: ETA
         perm = torch.randperm(len(x_tr), generator=gen)
         for i in range(0, len(perm), batch_size):
             b = perm[i : i + batch_size]

@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from freezebench import progress
 from freezebench.errors import FreezebenchError
 
 from .space import Space, SweepError, load_space, spec_json
@@ -373,6 +374,7 @@ def run_trial(study: Any, trial_id: int, space: Space, parent: str | None, *, he
     else:
         trial.set_user_attr("seed", seed)
     point = {p.key: p.suggest(trial) for p in space.params}
+    progress.describe(f"trial {trial.number} [{_point_text(point)} seed={seed}]")
     tags = {"sweep": space.name, "study": study_name, "trial": str(trial.number), "kind": "sweep-trial"}
     extra = space.trial_overrides(point) + [f"trainer.seed={seed}"]
     trainer = None
@@ -483,7 +485,7 @@ def run_sweep(
     """
     from .table import finish_report
 
-    echo = echo or (lambda *a, **k: None)
+    echo = progress.write if echo is print else (echo or (lambda *a, **k: None))  # lines above the bar
     space = load_space(space).with_(overrides=list(overrides or []), seeds=seeds)
     study_name = study or space.name
     grace_s = 4 * heartbeat_s if grace_s is None else grace_s
@@ -496,6 +498,7 @@ def run_sweep(
     # the trainer attaches to $MLFLOW_RUN_ID (set by `mlflow run`): trials must start their own child runs
     os.environ.pop("MLFLOW_RUN_ID", None)
     ran: list[int] = []
+    bar = progress.start(*_trial_total(st, space), f"sweep {space.name}", unit="trial")  # done of total, ETA
     try:
         if parent is not None:
             _check_parent(space, parent)
@@ -509,11 +512,20 @@ def run_sweep(
         else:
             _tpe_loop(st, space, parent, study_name, heartbeat_s, grace_s, poll_s, max_trials, ran, echo)
     finally:
+        bar.close()
         if env_run:
             os.environ["MLFLOW_RUN_ID"] = env_run
     rows, text = finish_report(st, parent, space=space, plots=plots, final=_complete(st, space))
     echo(text)
     return SweepResult(study=st, parent_run_id=parent, rows=rows, table=text, ran=ran)
+
+
+def _trial_total(study: Any, space: Space) -> tuple[int, int]:
+    """(trials of the sweep, done already): grid entries (points x seeds), or tpe's n_trials."""
+    if space.sampler == "grid":
+        p = grid_progress(study)
+        return p.total, p.done
+    return int(space.n_trials or 0), 0
 
 
 def _check_parent(space: Space, parent: str) -> None:
@@ -569,6 +581,7 @@ def _grid_loop(st: Any, space: Space, parent: str | None, study_name: str, heart
             t = run_trial(st, tid, space, parent, heartbeat_s=heartbeat_s, study_name=study_name, echo=echo)
             ran.append(t.number)
             p = grid_progress(st)
+            progress.advance_to(p.done)
             echo(f"[{p.done}/{p.total} grid points done]")
             continue
         p = grid_progress(st)
@@ -622,6 +635,7 @@ def _tpe_loop(st: Any, space: Space, parent: str | None, study_name: str, heartb
             waited = False
             t = run_trial(st, tid, space, parent, heartbeat_s=heartbeat_s, seed=seed, study_name=study_name, echo=echo)
             ran.append(t.number)
+            progress.advance()
             continue
         if not st.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             return

@@ -173,9 +173,9 @@ def load_runs(experiment: str = "freezebench", filter: str | None = None, uri: s
         if not token:
             break
     runs = []
-    from tqdm.auto import tqdm
+    from ..progress import track
 
-    for run in tqdm(found, desc="reading runs", disable=not progress, leave=False):
+    for run in track(found, "reading runs", unit="run", enable=progress):  # on a terminal: done of total, ETA
         tags, metrics = run.data.tags, run.data.metrics
         if run.info.status != "FINISHED" or tags.get("kind") == "report":
             continue
