@@ -1,0 +1,122 @@
+"""Start-up benchmark: how long the command line takes before and after the work (issue 17).
+
+    python benchmarks/bench_startup.py                    # 5 repeats of everything (~2-3 min on 2 quiet cores)
+    python benchmarks/bench_startup.py --repeats 1 --job "policy=full trainer.epochs=1 trainer.max_steps_per_epoch=2"
+    /path/to/other/venv/bin/python benchmarks/bench_startup.py   # another install (e.g. an older commit)
+
+Whole processes, timed from outside (``time.perf_counter`` around ``subprocess.run``), the median of
+``--repeats`` runs each (default 5):
+
+- ``help_s``, ``list_s``, ``compare_help_s``, ``config_s``: ``freezebench --help``, ``freezebench list``,
+  ``freezebench compare --help``, ``freezebench config policy=static``;
+- the default job, ``freezebench train policy=full`` (``--job`` replaces its overrides), in a scratch folder
+  whose MLflow store (``sqlite:///mlflow.db``) an untimed first job created (``job_fresh_store_total_s`` is
+  that first job's time: a new store also creates its tables). With ``FREEZEBENCH_PHASES=1`` the trainer
+  prints ``freezebench-phase NAME UNIXTIME`` lines (``train-start``: the first training step is next;
+  ``train-end``: the last step and its evaluation are done); ``job_start_to_first_step_s`` is launch ->
+  train-start, ``job_last_step_to_exit_s`` is train-end -> the process has exited, ``job_training_s`` the
+  span between, ``job_total_s`` the whole process. An install without phase lines (before issue 17) gets
+  ``null`` phases and its totals only.
+
+Every child runs with ``MLFLOW_TRACKING_URI`` unset (the default store in the scratch folder) and
+``PYTHONDONTWRITEBYTECODE`` unset (compiled bytecode is cached after the first run, as for a user). The load
+average before and after is printed with the figures: measure on a quiet machine. Ends with ``RESULT <json>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME",
+                        "PYTHONDONTWRITEBYTECODE", "FREEZEBENCH_PROGRESS")}
+    env["FREEZEBENCH_PHASES"] = "1"
+    return env
+
+
+def _run(cmd: list[str], cwd: Path) -> tuple[float, float, float, str]:
+    """(launch unix time, exit unix time, wall seconds, stderr) of one process; fails loudly on error."""
+    t_unix = time.time()
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise SystemExit(f"{shlex.join(cmd)} failed ({p.returncode}):\n{p.stderr[-3000:]}")
+    return t_unix, t_unix + wall, wall, p.stderr
+
+
+def _phases(stderr: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for line in stderr.splitlines():
+        parts = line.strip().split()
+        if len(parts) == 3 and parts[0] == "freezebench-phase":
+            out.setdefault(parts[1], float(parts[2]))
+    return out
+
+
+def _median(xs: list[float]) -> float | None:
+    return round(statistics.median(xs), 4) if xs else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs per command (the median is reported)")
+    ap.add_argument("--job", default="policy=full", help="overrides of the default job (space separated)")
+    ap.add_argument("--python", default=sys.executable, help="the interpreter whose freezebench is measured")
+    ap.add_argument("--no-job", action="store_true", help="time the light commands only")
+    args = ap.parse_args(argv)
+    fb = [args.python, "-m", "freezebench"]
+    load_before = os.getloadavg()
+    res: dict[str, object] = {"repeats": args.repeats, "job": f"freezebench train {args.job}",
+                              "python": args.python}
+    with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:
+        cwd = Path(tmp)
+        light = {"help_s": ["--help"], "list_s": ["list"], "compare_help_s": ["compare", "--help"],
+                 "config_s": ["config", "policy=static"]}
+        _run([*fb, "--help"], cwd)  # untimed: bytecode compiled, caches warm
+        for key, sub in light.items():
+            times = [_run([*fb, *sub], cwd)[2] for _ in range(args.repeats)]
+            res[key] = _median(times)
+            print(f"{key:<28} median {res[key]:.3f} s  ({', '.join(f'{t:.3f}' for t in times)})", flush=True)
+        if not args.no_job:
+            job = [*fb, "train", *shlex.split(args.job)]
+            first = _run(job, cwd)
+            res["job_fresh_store_total_s"] = round(first[2], 4)
+            print(f"{'job_fresh_store_total_s':<28} {first[2]:.3f} s (creates the MLflow store)", flush=True)
+            starts, ends, trains, totals = [], [], [], []
+            for _ in range(args.repeats):
+                launch, exit_, wall, err = _run(job, cwd)
+                ph = _phases(err)
+                totals.append(wall)
+                if "train-start" in ph and "train-end" in ph:
+                    starts.append(ph["train-start"] - launch)
+                    trains.append(ph["train-end"] - ph["train-start"])
+                    ends.append(exit_ - ph["train-end"])
+            res["job_total_s"] = _median(totals)
+            res["job_start_to_first_step_s"] = _median(starts)
+            res["job_training_s"] = _median(trains)
+            res["job_last_step_to_exit_s"] = _median(ends)
+            for key in ("job_total_s", "job_start_to_first_step_s", "job_training_s", "job_last_step_to_exit_s"):
+                v = res[key]
+                print(f"{key:<28} median {'n/a (no phase lines)' if v is None else f'{v:.3f} s'}", flush=True)
+    res["loadavg_before"] = [round(x, 2) for x in load_before]
+    res["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    res["cpus"] = os.cpu_count()
+    print(f"load average before {res['loadavg_before']}, after {res['loadavg_after']} ({res['cpus']} CPUs)")
+    print("RESULT " + json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
