@@ -104,16 +104,10 @@ def test_stop_and_resume_name_the_same_position(tiny_overrides, tmp_path, caplog
     from freezebench.config import load_config
     from freezebench.trainer import Trainer
 
+    from helpers import StopAt
+
     over = [*tiny_overrides, "tracking.enabled=false", f"trainer.output_dir={tmp_path}", "tracking.run_name=run"]
-    t = Trainer(load_config(over))
-    tick = t._policy_tick
-
-    def stop(step, *args):
-        tick(step, *args)
-        if step == 6:
-            t.request_stop()
-
-    t._policy_tick = stop
+    t = Trainer(load_config(over), hooks=[StopAt(6)])
     with pytest.raises(Exception) as e:
         t.fit()
     where = "epoch 2/3, after batch 2 of 4"
