@@ -75,3 +75,33 @@ def test_unknown_model_still_lists_the_known_names_from_a_fresh_registry():
     with pytest.raises(UnknownNameError) as e:
         reg.get("resnet21")
     assert "Known model names: " + ", ".join(sorted(BUILTIN_MODELS)) in str(e.value)
+
+
+def test_digits_without_sklearn_equal_sklearn():
+    """The digits and their split, computed without importing sklearn, are exactly sklearn's."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    from freezebench.zoo.data import _load_digits, _split
+
+    images, target = _load_digits()
+    d = load_digits()
+    assert np.array_equal(images, d.images) and np.array_equal(target, d.target) and images.dtype == d.images.dtype
+    synthetic = np.arange(160) % 4
+    for labels in (target, synthetic, np.arange(513) % 7):
+        n = len(labels)
+        for frac in (0.2, 0.25, 0.33, 0.5, 0.9):
+            for seed in range(6):
+                ref_tr, ref_va = train_test_split(np.arange(n), test_size=frac, random_state=seed, stratify=labels)
+                tr, va = _split(n, labels, frac, seed)
+                assert np.array_equal(tr, np.sort(ref_tr)) and np.array_equal(va, np.sort(ref_va)), (n, frac, seed)
+
+
+def test_default_dataset_imports_no_sklearn(tmp_path):
+    code = ("import sys\nfrom omegaconf import OmegaConf\nfrom freezebench.config import load_config\n"
+            "from freezebench.zoo.data import build_data\n"
+            "b = build_data(load_config([]).data, seed=0, device='cpu')\n"
+            "print('N', b.info.num_train, b.info.num_val, 'sklearn' in sys.modules)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert p.stdout.split()[-4:] == ["N", "1437", "360", "False"], p.stdout + p.stderr[-2000:]

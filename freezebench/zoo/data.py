@@ -193,11 +193,67 @@ class DataBundle:
 
 
 def _split(n: int, labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.model_selection import train_test_split
+    """Stratified train/val indices, sorted: the split of scikit-learn's ``train_test_split(range(n),
+    test_size=val_fraction, random_state=seed, stratify=labels)``, computed here (importing sklearn costs a
+    large share of a short run's start-up); sklearn itself for the cases it refuses, with its message."""
+    labels = np.asarray(labels)
+    classes, y_idx, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    n_test = math.ceil(val_fraction * n) if 0 < val_fraction < 1 else 0
+    n_train = n - n_test
+    if not (0 < val_fraction < 1) or len(labels) != n or counts.min() < 2 or min(n_train, n_test) < len(classes):
+        from sklearn.model_selection import train_test_split
 
-    idx = np.arange(n)
-    tr, va = train_test_split(idx, test_size=val_fraction, random_state=seed, stratify=labels)
-    return np.sort(tr), np.sort(va)
+        tr, va = train_test_split(np.arange(n), test_size=val_fraction, random_state=seed, stratify=labels)
+        return np.sort(tr), np.sort(va)
+    # StratifiedShuffleSplit's first split (sklearn/model_selection/_split.py), step for step, same RNG draws
+    class_indices = np.split(np.argsort(y_idx, kind="stable"), np.cumsum(counts)[:-1])
+    rng = np.random.RandomState(seed)
+    n_i = _approximate_mode(counts, n_train, rng)
+    t_i = _approximate_mode(counts - n_i, n_test, rng)
+    train: list[int] = []
+    val: list[int] = []
+    for i in range(len(classes)):
+        members = class_indices[i].take(rng.permutation(counts[i]), mode="clip")
+        train.extend(members[: n_i[i]])
+        val.extend(members[n_i[i] : n_i[i] + t_i[i]])
+    return np.sort(np.asarray(train, dtype=np.int64)), np.sort(np.asarray(val, dtype=np.int64))
+
+
+def _approximate_mode(class_counts: np.ndarray, n_draws: int, rng: np.random.RandomState) -> np.ndarray:
+    """Per-class draws closest to proportional, ties broken at random (sklearn.utils.extmath)."""
+    continuous = class_counts / class_counts.sum() * n_draws
+    floored = np.floor(continuous)
+    need_to_add = int(n_draws - floored.sum())
+    if need_to_add > 0:
+        remainder = continuous - floored
+        for value in np.sort(np.unique(remainder))[::-1]:
+            (inds,) = np.where(remainder == value)
+            add_now = min(len(inds), need_to_add)
+            inds = rng.choice(inds, size=add_now, replace=False)
+            floored[inds] += 1
+            need_to_add -= add_now
+            if need_to_add == 0:
+                break
+    return floored.astype(int)
+
+
+def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits as (images (1797, 8, 8) float64, targets int), read from its data file
+    without importing sklearn (what ``sklearn.datasets.load_digits`` returns; sklearn's loader if the file
+    is not where it should be)."""
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")  # locates the package, imports nothing
+    path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
+    if path is None or not path.is_file():
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        return d.images, d.target
+    with gzip.open(path, "rt") as f:
+        data = np.loadtxt(f, delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int, copy=False)
 
 
 def _tensor_bundle(name: str, x: torch.Tensor, y: torch.Tensor, xv: torch.Tensor, yv: torch.Tensor,
@@ -215,12 +271,10 @@ def _tensor_bundle(name: str, x: torch.Tensor, y: torch.Tensor, xv: torch.Tensor
 @DATASETS.register("digits")
 def digits(cfg: Any, *, seed: int, device: Any) -> DataBundle:
     """scikit-learn's bundled 8x8 digits (no download); values in 0..16 scaled to [0, 1], standardised."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    images = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (1797, 1, 8, 8)
-    labels = torch.tensor(d.target, dtype=torch.long)
-    tr, va = _split(len(labels), d.target, cfg.val_fraction, cfg.split_seed)
+    d_images, d_target = _load_digits()
+    images = torch.tensor(d_images, dtype=torch.float32).unsqueeze(1) / 16.0  # (1797, 1, 8, 8)
+    labels = torch.tensor(d_target, dtype=torch.long)
+    tr, va = _split(len(labels), d_target, cfg.val_fraction, cfg.split_seed)
     x, y = images[tr], labels[tr]
     mean, std = x.mean().view(1), x.std().view(1)
     return _tensor_bundle("digits", x, y, images[va], labels[va], 10, cfg, seed, device, augment=False,
