@@ -76,13 +76,13 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def seed_everything(seed: int, deterministic: bool) -> None:
+def seed_everything(seed: int, deterministic: bool, compiled: bool = False) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        if "torch._inductor.config" in sys.modules:  # torch.compile in use: its kernels too
+        if compiled or "torch._inductor.config" in sys.modules:  # torch.compile: its generated kernels too
             torch.use_deterministic_algorithms(True, warn_only=True)
         else:  # the same flag without importing torch._inductor (and torch._dynamo): a second of start-up
             torch._C._set_deterministic_algorithms(True, warn_only=True)
@@ -141,7 +141,7 @@ class Trainer:
             self.device = distributed.setup(self.dist, self.device)
         if tc.precision == "fp16" and self.device.type != "cuda":
             raise ConfigError("trainer.precision=fp16 needs CUDA; use bf16 or fp32 on CPU")
-        seed_everything(tc.seed, tc.deterministic)
+        seed_everything(tc.seed, tc.deterministic, compiled=bool(tc.get("compile", False)))
         self.data = data if data is not None else build_data(cfg.data, seed=tc.seed, device=self.device)
         # data sieving (data.sieve.*): the training loader iterates over the sieve's partial set
         self.data, self.sieve = sieve_data(cfg.data.sieve, self.data, seed=tc.seed, device=self.device)
