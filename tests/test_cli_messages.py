@@ -255,3 +255,26 @@ def test_phase_lines_only_when_asked(monkeypatch, capsys):
     monkeypatch.setenv(progress.PHASES_ENV, "1")
     progress.phase("train-start")
     assert re.fullmatch(r"freezebench-phase train-start \d+\.\d{6}\n", capsys.readouterr().err)
+
+
+@pytest.mark.slow
+def test_mlflow_run_config_error_leaves_a_named_tagged_run(tmp_path):
+    """The real `mlflow run .`: a bad policy leaves MLflow's run FAILED, named by freezebench, tagged error."""
+    import subprocess
+    import sys
+
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    for leaked in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        env.pop(leaked, None)
+    p = subprocess.run([sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local", "-P", "policy=nope",
+                        "-P", "model=tiny"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode != 0 and "unknown policy 'nope'" in p.stderr
+    client = mlflow.tracking.MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("Default").experiment_id])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["mlflow.runName"] == "nope-tiny-digits-s0"
+    assert "unknown policy 'nope'" in run.data.tags["error"]
