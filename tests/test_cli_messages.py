@@ -133,9 +133,6 @@ def test_freeze_timeline_marks_a_late_freeze_at_its_step():
     fig = freeze_timeline(["a", "b", "head"], events, 10, steps_per_epoch=45)
     [marks] = [c for c in fig.axes[0].collections if len(c.get_offsets())]
     assert marks.get_offsets().tolist() == [[448 / 45, 1.0]]
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
 
 
 # --- the end of a run points to the UI ------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -105,3 +106,21 @@ def test_default_dataset_imports_no_sklearn(tmp_path):
             "print('N', b.info.num_train, b.info.num_val, 'sklearn' in sys.modules)")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert p.stdout.split()[-4:] == ["N", "1437", "360", "False"], p.stdout + p.stderr[-2000:]
+
+
+def test_a_short_tracked_run_imports_only_what_it_uses(tmp_path):
+    """A tracked run of a small CNN on the synthetic data: no torchvision, sklearn or pyplot (its figure is still
+    logged)."""
+    code = ("import sys\nfrom freezebench.cli import main\n"
+            "rc = main(['train', 'model.name=tiny', 'data.name=synthetic', 'trainer.epochs=1', "
+            "'trainer.max_steps_per_epoch=2', 'policy=static', 'policy.at_step=1', 'trainer.progress=false', "
+            "'tracking.system_metrics=false', 'trainer.device=cpu'])\n"
+            "mods = ('torchvision', 'sklearn', 'matplotlib.pyplot')\n"
+            "print('LOADED', rc, *[m for m in mods if m in sys.modules])")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path}/m.db"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
+                       timeout=600)
+    [line] = [ln for ln in p.stdout.splitlines() if ln.startswith("LOADED")]
+    assert line == "LOADED 0", p.stdout[-2000:] + p.stderr[-2000:]
+    assert len(list(tmp_path.glob("mlruns/*/*/artifacts/freeze_timeline.png"))) == 1

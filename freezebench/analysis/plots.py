@@ -7,8 +7,7 @@ from typing import Any
 
 import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+matplotlib.use("Agg")  # for the reports, which draw through pyplot
 
 
 def freeze_timeline(unit_names: Sequence[str], events: Sequence[Any], epochs: float, title: str = "",
@@ -19,8 +18,11 @@ def freeze_timeline(unit_names: Sequence[str], events: Sequence[Any], epochs: fl
     ``events`` are :class:`freezebench.trainer.freezer.FreezeEvent` objects (or dicts with unit/epoch/action,
     optionally step); with ``steps_per_epoch`` an event's position is ``step / steps_per_epoch``.
     """
+    from matplotlib.figure import Figure  # not pyplot: importing it is a good share of a short run's ending
+
     L = len(unit_names)
-    fig, ax = plt.subplots(figsize=(9, max(2.5, 0.22 * L + 1.2)))
+    fig = Figure(figsize=(9, max(2.5, 0.22 * L + 1.2)))
+    ax = fig.subplots()
     draw_freeze_timeline(ax, unit_names, events, epochs, title=title or "freeze timeline",
                          steps_per_epoch=steps_per_epoch)
     fig.tight_layout()
@@ -54,7 +56,7 @@ def draw_freeze_timeline(ax: Any, unit_names: Sequence[str], events: Sequence[An
                 ax.barh(u, b - a, left=a, height=0.8, color=TRAIN_COLOR if kind == "train" else FROZEN_COLOR,
                         edgecolor="none")
     if marks:  # the exact step of each freeze, visible however thin the grey bar after it is
-        ax.scatter([m[0] for m in marks], [m[1] for m in marks], marker="|", s=60, linewidths=1.6,
+        ax.scatter([m[0] for m in marks], [m[1] for m in marks], marker="|", s=220, linewidths=2.0,
                    color=MARK_COLOR, zorder=3)
     ax.set_yticks(range(L))
     ax.set_yticklabels(unit_names if labels else [], fontsize=6 if L > 30 else 8)

@@ -76,16 +76,13 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def seed_everything(seed: int, deterministic: bool, compiled: bool = False) -> None:
+def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        if compiled or "torch._inductor.config" in sys.modules:  # torch.compile: its generated kernels too
-            torch.use_deterministic_algorithms(True, warn_only=True)
-        else:  # the same flag without importing torch._inductor (and torch._dynamo): a second of start-up
-            torch._C._set_deterministic_algorithms(True, warn_only=True)
+        torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
 
@@ -141,7 +138,7 @@ class Trainer:
             self.device = distributed.setup(self.dist, self.device)
         if tc.precision == "fp16" and self.device.type != "cuda":
             raise ConfigError("trainer.precision=fp16 needs CUDA; use bf16 or fp32 on CPU")
-        seed_everything(tc.seed, tc.deterministic, compiled=bool(tc.get("compile", False)))
+        seed_everything(tc.seed, tc.deterministic)
         self.data = data if data is not None else build_data(cfg.data, seed=tc.seed, device=self.device)
         # data sieving (data.sieve.*): the training loader iterates over the sieve's partial set
         self.data, self.sieve = sieve_data(cfg.data.sieve, self.data, seed=tc.seed, device=self.device)
@@ -765,12 +762,9 @@ class Trainer:
         if self.tracker.run_id:  # the figure (and matplotlib) only for a tracked run
             from ..analysis.plots import freeze_timeline
 
-            import matplotlib.pyplot as plt
-
             fig = freeze_timeline(result.unit_names, ev, self.plan.epochs, title=self.run_name,
-                                  steps_per_epoch=self.plan.steps_per_epoch)
+                                  steps_per_epoch=self.plan.steps_per_epoch)  # a Figure outside pyplot
             self.tracker.log_figure(fig, "freeze_timeline.png")
-            plt.close(fig)
         summary = {"run_id": result.run_id, "run_name": self.run_name, "metrics": result.metrics,
                    "frozen_units": sorted(self.freezer.frozen), "num_units": len(self.units),
                    "unit_names": result.unit_names}
