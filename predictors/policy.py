@@ -55,13 +55,13 @@ from freezebench.policy import Decision, FreezePolicy, Plan, PolicyConfig, Signa
 
 from .history import HistoryBuffer
 from .tailoring import Tailor
-from .weights import DEFAULT_WEIGHTS, load_predictor
+from .weights import load_predictor, select_weights
 
 
 @dataclass
 class SmartFRZConfig(PolicyConfig):
     name: str = "smartfrz"
-    weights: str | None = None  # predictor file (save_predictor); null: shipped predictors/weights/smartfrz_default.pt
+    weights: str | None = None  # predictor file (save_predictor); null: the shipped family member trained at policy.window and policy.tailor_size
     window: int = 30  # snapshots per layer the predictor reads (paper default 30; Table 4 sweeps 20-50)
     tailor_size: int = 1024  # weights sampled per layer per snapshot (paper default 1024; Table 5 sweeps 512-4096)
     record_every: int | None = None  # steps between snapshots; null: max(1, steps_per_epoch // 30), ~30 per epoch
@@ -69,6 +69,18 @@ class SmartFRZConfig(PolicyConfig):
     sequential: bool = False  # true: freeze only the longest front prefix of active layers predicted "freeze"
     seed: int = 0  # seed of the tailoring indices (which weights of each layer are sampled)
     any_window: bool = False  # true: read policy.window snapshots with a predictor trained at another window (its attention takes any length; window sensitivity without retraining)
+
+
+def stage_decision(active: Sequence[int], p_freeze: dict[int, float], threshold: float,
+                   sequential: bool = False) -> list[int]:
+    """SmartFRZ's freezing stage (pure): the ``active`` units (forward order) to freeze, given the
+    predictor's ``p_freeze`` of the units it judged (those with a full window). A unit is predicted
+    "freeze" when ``p_freeze > threshold`` (strictly; a missing unit is "keep"); non-sequential: all of them
+    (paper section 3.4); ``sequential``: only the longest front prefix of active units predicted "freeze"."""
+    predicted = {u: p > threshold for u, p in p_freeze.items()}
+    if sequential:
+        return sequential_prefix(active, predicted)
+    return [u for u in active if predicted.get(u, False)]
 
 
 def sequential_prefix(active: Sequence[int], predicted: dict[int, bool]) -> list[int]:
@@ -101,16 +113,12 @@ class SmartFRZ(FreezePolicy):
 
     @staticmethod
     def weights_path(cfg: SmartFRZConfig) -> str:
-        """The predictor file to load: ``cfg.weights`` or the shipped default (a clear error if absent)."""
+        """The predictor file to load: ``cfg.weights``, else the shipped family member trained at
+        ``cfg.window`` and ``cfg.tailor_size`` (with ``any_window``: at that tailor size, nearest window);
+        a :class:`ConfigError` naming the shipped members when none matches."""
         if cfg.weights:
             return str(cfg.weights)
-        if not DEFAULT_WEIGHTS.is_file():
-            raise ConfigError(
-                f"policy.weights is null, which means the shipped default predictor {DEFAULT_WEIGHTS}, but no "
-                f"default SmartFRZ predictor weights are shipped yet; pass a trained predictor file with "
-                f"policy.weights=path/to/predictor.pt (written by freezebench.predictors.weights.save_predictor)"
-            )
-        return str(DEFAULT_WEIGHTS)
+        return str(select_weights(cfg.window, cfg.tailor_size, any_window=cfg.any_window))
 
     def setup(self, units, plan: Plan) -> None:
         super().setup(units, plan)
@@ -120,6 +128,8 @@ class SmartFRZ(FreezePolicy):
             self.weights_path(c), tailor_size=c.tailor_size, window=None if c.any_window else c.window,
             device=plan.device,
         )
+        # the predictor file may carry a decision threshold chosen on validation runs (default: argmax)
+        self.threshold = float(self.predictor_meta.get("threshold", 0.5))
         self.record_every = c.record_every or max(1, plan.steps_per_epoch // 30)
         self.stage_every = c.stage_every or plan.steps_per_epoch
         self._units = list(self.freezable)  # row r of the history/tailor = unit self._units[r]
@@ -158,17 +168,10 @@ class SmartFRZ(FreezePolicy):
         with torch.no_grad():
             probs = self.predictor.probabilities(self.history.windows(ready_rows))
         p_freeze = probs[:, 1].tolist()  # the one device->host transfer of a stage
-        # the predictor file may carry a decision threshold chosen on validation runs (default: argmax)
-        threshold = float(self.predictor_meta.get("threshold", 0.5))
-        wins = (probs[:, 1] > threshold).tolist()
-        predicted = {self._units[r]: bool(w) for r, w in zip(ready_rows, wins)}
         conf = {self._units[r]: p for r, p in zip(ready_rows, p_freeze)}
-        n_pred = sum(predicted.values())
+        n_pred = sum(p > self.threshold for p in p_freeze)
         self.last_stage = {"evaluated_units": float(len(ready_rows)), "predicted_freeze_frac": n_pred / len(ready_rows)}
-        if self.cfg.sequential:
-            todo = sequential_prefix(active, predicted)
-        else:
-            todo = [u for u in active if predicted.get(u, False)]
+        todo = stage_decision(active, conf, self.threshold, self.cfg.sequential)
         for u in todo:
             self.history.drop(self._row[u])
         if not todo:

@@ -10,11 +10,15 @@ Choices that are ours (the paper only says "randomly sample"):
 * **Generator.** Unit ``u``'s indices come from a CPU ``torch.Generator`` seeded with a 63-bit hash
   (BLAKE2b) of ``(seed, u)``: stable across snapshots, reproducible across runs and devices with the same
   seed, different for different seeds or units. Drawn on the CPU, then moved to the parameters' device.
-* **Units with at least ``tailor_size`` weights:** sampled *without* replacement (``randperm``).
-* **Units with fewer weights than ``tailor_size``** (a BatchNorm-only unit, a small bias-only unit):
-  sampled *with* replacement, stratified so that every weight appears at least once: the first ``n``
-  draws are a permutation of all ``n`` weights, the remaining ``tailor_size - n`` are drawn uniformly with
-  replacement, and the whole index vector is shuffled. A unit with no weights is an error.
+* **Nested.** A unit's index sequence does not depend on ``tailor_size``: it is the concatenation of
+  independent permutations of all ``numel`` weights (``randperm`` from the unit's generator, as many as
+  needed), and the size-``k`` tailoring is its first ``k`` entries. So the size-512 tailoring is the
+  prefix of the size-4096 one for every unit, and one collection at tailor 4096 holds every smaller
+  tailor size's snapshots as its leading columns (``predictors/collect.py``).
+* **Units with at least ``tailor_size`` weights** are therefore sampled *without* replacement (the prefix
+  of one permutation); **units with fewer** (a BatchNorm-only unit, a small bias-only unit) see every
+  weight at least once (the first ``numel`` draws are a permutation of all of them) and the rest repeat
+  in further permutations. A unit with no weights is an error.
 * **Gathering** never concatenates a unit's parameters: the indices are split per tensor once (sorted,
   with the permutation that restores the drawn order), each tensor contributes one ``index_select`` of
   its own elements, and the small gathered pieces are put back in drawn order with one index. The
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -47,11 +52,11 @@ def draw_indices(numel: int, tailor_size: int, seed: int, unit: int) -> torch.Te
     if tailor_size <= 0:
         raise ValueError(f"tailor_size must be positive, got {tailor_size}")
     g = torch.Generator().manual_seed(unit_seed(seed, unit))
-    if numel >= tailor_size:
-        return torch.randperm(numel, generator=g)[:tailor_size]
-    extra = torch.randint(numel, (tailor_size - numel,), generator=g)
-    idx = torch.cat([torch.randperm(numel, generator=g), extra])
-    return idx[torch.randperm(tailor_size, generator=g)]
+    blocks, have = [], 0
+    while have < tailor_size:  # one permutation of all the unit's weights after another: nested prefixes
+        blocks.append(torch.randperm(numel, generator=g)[: tailor_size - have])
+        have += len(blocks[-1])
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
 
 
 def _sizes(spec: UnitSpec) -> tuple[list[int], torch.device]:
@@ -86,6 +91,7 @@ class Tailor:
         self.indices: list[torch.Tensor] = []  # (tailor_size,) int64, drawn order, per unit
         self._local: list[list[torch.Tensor]] = []  # per unit, per tensor: sorted local offsets
         self._restore: list[torch.Tensor] = []  # per unit: gathered (sorted) order -> drawn order
+        self._plans: dict[tuple[int, ...], tuple[str, Any]] = {}  # snapshot_all's cached indices per unit set
         for u, spec in enumerate(units):
             sizes, dev = _sizes(spec)
             dev = torch.device(device) if device is not None else dev
@@ -115,6 +121,7 @@ class Tailor:
         self.indices = [t.to(device) for t in self.indices]
         self._local = [[t.to(device) for t in ts] for ts in self._local]
         self._restore = [t.to(device) for t in self._restore]
+        self._plans = {}
         return self
 
     def _gather(self, unit: int, params: Sequence[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
@@ -142,13 +149,45 @@ class Tailor:
     ) -> torch.Tensor:
         """Snapshots ``(len(units), tailor_size)`` of ``units`` (default: all), row ``i`` for ``units[i]``.
 
-        ``params[u]`` is unit ``u``'s parameter list (indexed by unit id, like the constructor's list)."""
+        ``params[u]`` is unit ``u``'s parameter list (indexed by unit id, like the constructor's list).
+
+        Two equal ways (same values, bit for bit): when the units hold at most :attr:`flat_limit` weights
+        in all, their parameters are concatenated once and one ``index_select`` with a cached index (each
+        unit's drawn indices, offset to its block) gathers every snapshot: three tensor operations per
+        record, whatever the number of tensors (the small-model case, where per-tensor calls dominated the
+        policy's cost). Larger units are gathered per tensor (no copy of all the weights)."""
         units = list(range(self.num_units)) if units is None else list(units)
         if not units:
             dev = self.indices[0].device if self.indices else torch.device("cpu")
             return torch.empty(0, self.tailor_size, dtype=dtype, device=dev)
+        key = tuple(units)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plan(units)
+            if len(self._plans) > 64:  # active sets only shrink during training: a handful of keys
+                self._plans.clear()
+            self._plans[key] = plan
+        kind, index = plan
+        if kind == "flat":
+            flat = torch.cat([p.detach().reshape(-1) for u in units for p in params[u]])
+            if flat.numel() != index[1]:
+                raise ValueError(f"units {units}: the parameters have {flat.numel()} elements, tailored for {index[1]}")
+            return flat.index_select(0, index[0]).view(len(units), self.tailor_size).to(dtype)
         pieces = [piece for u in units for piece in self._gather(u, params[u], dtype)]
         flat = torch.cat(pieces)  # unit blocks of tailor_size each, in sorted order within a block
+        return flat.index_select(0, index).view(len(units), self.tailor_size)
+
+    #: units holding at most this many weights in all are snapshotted through one concatenation
+    flat_limit: int = 1 << 21
+
+    def _plan(self, units: list[int]) -> tuple[str, Any]:
+        total = sum(sum(self.numels[u]) for u in units)
+        if total <= self.flat_limit:
+            offsets, idx, off = [], [], 0
+            for u in units:
+                idx.append(self.indices[u] + off)
+                off += sum(self.numels[u])
+            return "flat", (torch.cat(idx), off)
         restore = torch.stack([self._restore[u] for u in units])  # (k, T)
         offset = torch.arange(len(units), device=restore.device).unsqueeze(1) * self.tailor_size
-        return flat[(restore + offset).reshape(-1)].view(len(units), self.tailor_size)
+        return "pieces", (restore + offset).reshape(-1)

@@ -206,7 +206,8 @@ def test_oracle_end_to_end_freezes_against_a_trained_reference(reference, tiny_t
 
     # a fresh run (the same start, as the paper's oracle): a huge variance bound freezes every unit as
     # soon as its window of 2 checks fills, at the second check
-    cfg = CKAOracleConfig(reference=str(ref), checks_per_epoch=4, window=2, var_threshold=1.0, cutoff=0.0)
+    cfg = CKAOracleConfig(reference=str(ref), checks_per_epoch=4, window_epochs=0.25, var_threshold=1.0,
+                          cutoff=-1.0)
     tr = tiny_trainer(policy=CKAOracle(cfg))
     res = tr.fit()
     assert [(e.unit, e.step) for e in res.events] == [(0, 2), (1, 2)]
@@ -292,7 +293,7 @@ def test_svcca_config_is_validated(field, value, match):
 
 
 @pytest.mark.parametrize("field, value, match", [
-    ("checks_per_epoch", 0, "checks_per_epoch must be >= 1"), ("window", 1, "window must be >= 2"),
+    ("checks_per_epoch", 0, "checks_per_epoch must be >= 1"), ("window_epochs", 0.1, "spans no check interval"),
     ("var_threshold", 0.0, "var_threshold must be > 0"), ("cutoff", 1.0, "cutoff must be in"),
 ])
 def test_cka_oracle_config_is_validated(reference, field, value, match):

@@ -28,8 +28,8 @@ SETTINGS: dict[str, dict] = {
     "svcca": {"overrides": ["policy.threshold=0.5", "policy.patience=1", "policy.checks_per_epoch=4"],
               "freezes": True},
     # {reference}: the checkpoint of a `full` run of the same tiny model (fixture below)
-    "cka_oracle": {"overrides": ["policy.reference={reference}", "policy.checks_per_epoch=4", "policy.window=2",
-                                 "policy.var_threshold=1.0", "policy.cutoff=0.0"], "freezes": True},
+    "cka_oracle": {"overrides": ["policy.reference={reference}", "policy.checks_per_epoch=4",
+                                 "policy.window_epochs=0.25", "policy.var_threshold=1.0", "policy.cutoff=-1.0"], "freezes": True},
     # {weights}: a predictor file that always predicts "freeze" (fixture below)
     "smartfrz": {"overrides": ["policy.weights={weights}", "policy.window=2", "policy.record_every=1"],
                  "freezes": True},
