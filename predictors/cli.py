@@ -61,7 +61,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bd.add_argument("--data", required=True, help="folder for the corpus (resumes what it holds)")
     bd.add_argument("--weights-dir", default=None, help="where to write the family (default: the package's)")
     bd.add_argument("--collect-only", action="store_true", help="collect the corpus, train nothing")
+    bd.add_argument("--train-only", action="store_true", help="train on the corpus files present, collect nothing")
     bd.add_argument("--norm", default=None, help="skip the normalisation selection and use this one")
+    bd.add_argument("--epochs", type=int, default=6, help="training epochs per predictor")
+    bd.add_argument("--samples-per-epoch", type=int, default=1024, help="training samples drawn per epoch")
     bd.add_argument("--debug", **hidden)
     pr.set_defaults(handler=cmd_predictor)
 
@@ -136,14 +139,19 @@ def _run(args: argparse.Namespace) -> int:
         from .build import collect_corpus, corpus_paths, split_ids
         from .train import train_family
 
-        collect_corpus(args.data, log=lambda s: print(s, flush=True))
+        if args.collect_only and args.train_only:
+            raise FreezebenchError("--collect-only and --train-only exclude each other")
+        if not args.train_only:
+            collect_corpus(args.data, log=lambda s: print(s, flush=True))
         if args.collect_only:
             return 0
         train, val = corpus_paths(args.data, "train"), corpus_paths(args.data, "val")
         if not train or not val:
             raise FreezebenchError(f"{args.data}: the corpus lacks training or validation runs "
                                    f"(train {split_ids('train')}, val {split_ids('val')})")
-        report = train_family(train, val, folder=args.weights_dir, norm=args.norm, log=lambda s: print(s, flush=True))
+        report = train_family(train, val, folder=args.weights_dir, norm=args.norm, epochs=args.epochs,
+                              samples_per_epoch=args.samples_per_epoch, log=lambda s: print(s, flush=True))
+        report["corpus"] = {split: [p.stem for p in corpus_paths(args.data, split)] for split in ("train", "val", "test")}
         print(json.dumps(_plain(report), sort_keys=True))
         return 0
     raise FreezebenchError(f"unknown predictor step {cmd!r}")  # pragma: no cover (argparse requires one)

@@ -29,17 +29,31 @@ Details that are ours:
   front, that are all ready and predicted "freeze" (for comparison with sequential methods); the paper's
   SmartFRZ is non-sequential (the default).
 * **Normalisation.** The predictor normalises each window itself (the mode is stored in its weights file);
-  the paper does not say how windows are scaled. Chosen by validation on held-out runs: ``delta``
-  (differences to the latest snapshot, scaled by the window's std) reached ROC AUC 0.81 on a held-out
-  vgg11_bn run and 0.92 on resnet32, against 0.52 / 0.53 for per-window standardisation.
-* **Predictor.** The paper trains one predictor on ImageNet/ResNet-50 and reuses it everywhere. Ours ships
-  as ``predictors/weights/smartfrz_default.pt``, trained by ``freezebench predictor collect/train`` on digits
-  runs of resnet20, vgg11_bn and mobilenet_v2 (commands in the README); its decision threshold was chosen on
-  the validation run (stored in the file). ``policy.weights`` selects another file; its tailor size and
-  window must equal the config's (checked at setup).
-* **Cost.** Snapshots are gathered on the training device with one batched index per record (no host
-  synchronisation); a stage makes one predictor call and one device-to-host transfer of the decisions.
-  The trainer times all policy work.
+  the paper does not say how windows are scaled. The old ``delta`` mode (differences to the latest
+  snapshot) made the latest row all zeros, so the query ``MLP_q(x_t)`` was a constant and the attention no
+  longer depended on the current weights (the mechanism of section 3.2). Candidates that keep it, all
+  scaled by the window's std: ``first_delta`` (displacement since the window's first snapshot),
+  ``diff`` (consecutive steps) and ``standardize``; chosen on the validation runs at window 30 and tailor
+  1024 (figures: TBD_NORM).
+* **Predictor family.** ``predictors/weights/smartfrz_w<W>_t<T>.pt`` for window W in {20, 30, 40, 50} at
+  tailor 1024 and tailor T in {512, 1024, 2048, 4096} at window 30 (paper Tables 4 and 5), all trained from
+  one collection at tailor 4096 (``freezebench predictor build``; ``predictors/build.py`` lists the corpus
+  and its train / validation / test split). Tailoring is nested (:mod:`.tailoring`), so the smaller tailor
+  sizes train on the leading columns of the same snapshots, and shorter windows are cut from the same
+  histories. ``policy.weights = null`` loads the member trained at ``policy.window`` and
+  ``policy.tailor_size`` (a :class:`ConfigError` lists the shipped ones when none matches);
+  ``policy.any_window = true`` reads another window with the member of the same tailor size trained
+  nearest to window 30. Each file stores its decision threshold, chosen on the validation runs.
+  Figures on the test runs (never used to choose anything): TBD_TEST.
+* **Labels.** The CKA-oracle rule of the ``cka_oracle`` baseline (one implementation,
+  :mod:`freezebench.analysis.oracle`: debiased linear CKA, a 2-epoch window), against the final weights of
+  the same configuration trained with another seed (:mod:`.collect`).
+* **Cost.** Snapshots are gathered on the training device without host synchronisation, one
+  ``index_select`` per tensor and one with an index cached per set of active units (:mod:`.tailoring`).
+  A cProfile of the default job before that change put about 63 % of the policy's time in the snapshots
+  and 31 % in the predictor's forward. A stage makes one
+  batched predictor call and one device-to-host transfer. The trainer times all policy work. The freezing
+  stage's rule is the pure function :func:`stage_decision`.
 """
 
 from __future__ import annotations
