@@ -36,6 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     col.add_argument("--cutoff", type=float, default=None, help="oracle rule: CKA cutoff (0.3)")
     col.add_argument("--tailor-seed", type=int, default=0, help="tailoring seed (policy.seed)")
     col.add_argument("--run-id", default=None, help="run id prefix in the dataset")
+    col.add_argument("--no-track", action="store_true", help="do not log the dataset to MLflow")
     col.add_argument("--debug", **hidden)
 
     trn = prs.add_parser("train", help="train one predictor: fit on TRAIN runs, select on --val runs")
@@ -49,6 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     trn.add_argument("--samples-per-epoch", type=int, default=1024)
     trn.add_argument("--lr", type=float, default=1e-3)
     trn.add_argument("--seed", type=int, default=0)
+    trn.add_argument("--no-track", action="store_true", help="do not log the predictor to MLflow")
     trn.add_argument("--debug", **hidden)
 
     ev = prs.add_parser("evaluate", help="agreement of a predictor with the oracle labels of held-out datasets")
@@ -74,6 +76,22 @@ def cmd_predictor(args: argparse.Namespace) -> int:
         return _run(args)
     except (ValueError, FileNotFoundError) as e:  # bad datasets, paths or sizes: the user's to fix
         raise FreezebenchError(str(e)) from e
+
+
+def _log_step(name: str, tags: dict, params: dict, metrics: dict, path: Any, folder: str) -> None:
+    """One MLflow run (experiment ``freezebench-predictor``) holding a pipeline step's file and figures."""
+    import mlflow
+
+    from freezebench.trainer.tracking import resolve_uri
+
+    mlflow.set_tracking_uri(resolve_uri(None))
+    mlflow.set_experiment("freezebench-predictor")
+    with mlflow.start_run(run_name=name) as run:
+        mlflow.set_tags(tags)
+        mlflow.log_params(params)
+        mlflow.log_metrics({k: v for k, v in metrics.items() if not math.isnan(v)})
+        mlflow.log_artifact(str(path), folder)
+    print(f"logged to MLflow run {run.info.run_id} (experiment freezebench-predictor)")
 
 
 def _plain(v: Any) -> Any:
@@ -108,6 +126,18 @@ def _run(args: argparse.Namespace) -> int:
                        record_every=args.record_every, checks_per_epoch=args.checks_per_epoch,
                        tailor_seed=args.tailor_seed, run_id=args.run_id, **rule)
         print(f"dataset written: {path}")
+        if not args.no_track:
+            from .collect import load_dataset
+
+            runs = load_dataset(path)["runs"]
+            labels = [v for r in runs for h in r["labels"] for v in h]
+            _log_step(f"collect-{args.run_id or runs[0]['model']}",
+                      {"kind": "predictor-collect", "model": runs[0]["model"], "dataset": runs[0]["dataset"]},
+                      {"model": runs[0]["model"], "dataset": runs[0]["dataset"], "seeds": args.seeds,
+                       "tailor_size": args.tailor_size, "checks_per_epoch": args.checks_per_epoch,
+                       **{f"rule.{k}": v for k, v in runs[0]["label_rule"].items()}},
+                      {"checks_labelled": float(len(labels)),
+                       "freeze_frac": float(sum(labels) / len(labels)) if labels else float("nan")}, path, "dataset")
         return 0
     if cmd == "train":
         from .train import train_predictor
@@ -117,6 +147,12 @@ def _run(args: argparse.Namespace) -> int:
                             samples_per_epoch=args.samples_per_epoch, lr=args.lr, seed=args.seed)
         print("validation: " + "  ".join(f"{k} {_fmt(v)}" for k, v in m.items()))
         print(f"predictor written: {args.out}")
+        if not args.no_track:
+            _log_step("predictor-train", {"kind": "predictor-train"},
+                      {"train": ",".join(args.datasets), "val": ",".join(args.val), "window": args.window,
+                       "tailor_size": args.tailor_size, "norm": args.norm, "epochs": args.epochs, "lr": args.lr,
+                       "seed": args.seed},
+                      {f"val/{k}": float(v) for k, v in m.items() if isinstance(v, (int, float))}, args.out, "predictor")
         return 0
     if cmd == "evaluate":
         from .train import evaluate_predictor
