@@ -288,9 +288,10 @@ def evaluate_predictor(weights: str | os.PathLike, datasets: Sequence[str | os.P
 
 def train_family(train: Sequence[Any], val: Sequence[Any], *, folder: str | os.PathLike | None = None,
                  norms: Sequence[str] = ("first_delta", "diff", "standardize"), norm: str | None = None,
-                 members: Sequence[tuple[int, int]] | None = None, log=print, **kw) -> dict[str, Any]:
-    """Train the shipped family from one collection: the normalisation chosen on ``val`` at window 30 and
-    tailor 1024 among ``norms`` (unless ``norm`` is given), then every member of :data:`.weights.FAMILY`
+                 members: Sequence[tuple[int, int]] | None = None, select_at: tuple[int, int] = (30, 1024),
+                 log=print, **kw) -> dict[str, Any]:
+    """Train the shipped family from one collection: the normalisation chosen on ``val`` (highest ROC AUC)
+    at ``select_at`` = (window, tailor) among ``norms`` (unless ``norm`` is given), then every member of :data:`.weights.FAMILY`
     (or ``members``) with it, written to ``folder`` (default the package's weights folder)."""
     from .weights import FAMILY
 
@@ -298,8 +299,8 @@ def train_family(train: Sequence[Any], val: Sequence[Any], *, folder: str | os.P
     report: dict[str, Any] = {"norm_selection": {}}
     if norm is None:
         for n in norms:
-            m = train_predictor(train=[train_d], val=[val_d], out=None, window=30, tailor_size=1024, norm=n,
-                                log=log, **kw)
+            m = train_predictor(train=[train_d], val=[val_d], out=None, window=select_at[0],
+                                tailor_size=select_at[1], norm=n, log=log, **kw)
             report["norm_selection"][n] = {k: m[k] for k in ("auc", "f1", "accuracy", "best_epoch")}
             log(f"norm {n}: val auc {m['auc']:.4f} f1 {m['f1']:.4f}")
         norm = max(report["norm_selection"], key=lambda k: (report["norm_selection"][k]["auc"], k))

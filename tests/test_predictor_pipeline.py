@@ -237,3 +237,18 @@ def test_collect_tailor_is_the_family_maximum():
     from freezebench.predictors.weights import FAMILY
 
     assert COLLECT_TAILOR == max(t for _, t in FAMILY) == 4096
+
+
+def test_train_family_writes_every_member(collected, tmp_path):
+    from freezebench.predictors.train import train_family
+    from freezebench.predictors.weights import family_file
+
+    rep = train_family([collected[0]], [collected[1]], folder=tmp_path, norms=("first_delta", "diff"),
+                       members=[(3, 64), (2, 32)], select_at=(3, 64), epochs=1, samples_per_epoch=None,
+                       batch_size=8, log=lambda s: None)
+    assert set(rep["norm_selection"]) == {"first_delta", "diff"} and rep["norm"] in rep["norm_selection"]
+    best = max(rep["norm_selection"].values(), key=lambda m: m["auc"])["auc"]
+    assert rep["norm_selection"][rep["norm"]]["auc"] == best
+    for w, t in ((3, 64), (2, 32)):
+        _, meta = load_predictor(family_file(w, t, tmp_path), window=w, tailor_size=t)
+        assert meta["norm"] == rep["norm"]
