@@ -39,7 +39,7 @@ CORPUS: list[dict[str, Any]] = [
     {"id": "r20-sgd-b32", "split": "train", "overrides": ["model.name=resnet20", *_SGD, "optim.lr=0.05",
                                                           "data.batch_size=32", "trainer.epochs=8"]},
     {"id": "r32-adamw-b32", "split": "val", "overrides": ["model.name=resnet32", *_ADAMW, "optim.lr=1e-3",
-                                                          "data.batch_size=32", "trainer.epochs=5"]},
+                                                          "data.batch_size=32", "trainer.epochs=4"]},
     {"id": "mlp-sgd-b32", "split": "train", "overrides": ["model.name=mlp", *_SGD, "optim.lr=0.05",
                                                           "data.batch_size=32", "trainer.epochs=5"]},
     {"id": "r20-ft-adamw-b128", "split": "test", "overrides": ["model.name=resnet20", _FT, *_ADAMW,

@@ -11,7 +11,7 @@ from freezebench.errors import ConfigError, FreezebenchError
 from freezebench.policy import Plan, Signals
 from freezebench.predictors import policy as policy_mod
 from freezebench.predictors.model import SmartFRZPredictor
-from freezebench.predictors.policy import SmartFRZ, SmartFRZConfig, sequential_prefix
+from freezebench.predictors.policy import SmartFRZ, SmartFRZConfig, sequential_prefix, stage_decision
 from freezebench.predictors.weights import DEFAULT_WEIGHTS, load_predictor, save_predictor
 from freezebench.trainer import Trainer
 from freezebench.units import partition
@@ -336,3 +336,22 @@ def test_query_depends_on_the_current_snapshot():
     _, ax = model(x, return_attention=True)
     _, ay = model(y, return_attention=True)
     assert not torch.allclose(ax, ay)
+
+
+def test_stage_decision_is_the_rule_the_policy_calls(always, monkeypatch):
+    p = {0: 0.9, 1: 0.2, 3: 0.7}  # unit 2 not judged (window not full): keep
+    assert stage_decision([0, 1, 2, 3], p, 0.5) == [0, 3]
+    assert stage_decision([0, 1, 2, 3], p, 0.5, sequential=True) == [0]
+    assert stage_decision([0, 1, 2, 3], p, 0.9) == []  # strictly above the threshold
+    assert stage_decision([2, 3], p, 0.5, sequential=True) == []
+    seen = []
+
+    def spy(active, p_freeze, threshold, sequential=False):
+        seen.append((list(active), dict(p_freeze), threshold, sequential))
+        return stage_decision(active, p_freeze, threshold, sequential)
+
+    monkeypatch.setattr(policy_mod, "stage_decision", spy)
+    pol, model, units = _make(always)
+    decs = [_tick(pol, model, units, s) for s in range(1, 7)]
+    assert seen and seen[0][0] == list(pol.freezable) and seen[0][2] == pol.threshold
+    assert decs[-1].freeze == [u for u in seen[0][0] if seen[0][1].get(u, 0.0) > pol.threshold]
