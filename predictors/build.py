@@ -37,7 +37,7 @@ _FT = "model.checkpoint={source}"
 CORPUS: list[dict[str, Any]] = [
     # in collection order (a cut-short build still has every split); "split" says where each run goes
     {"id": "r20-sgd-b32", "split": "train", "overrides": ["model.name=resnet20", *_SGD, "optim.lr=0.05",
-                                                          "data.batch_size=32", "trainer.epochs=8"]},
+                                                          "data.batch_size=32", "trainer.epochs=5"]},
     {"id": "r32-adamw-b32", "split": "val", "overrides": ["model.name=resnet32", *_ADAMW, "optim.lr=1e-3",
                                                           "data.batch_size=32", "trainer.epochs=4"]},
     {"id": "mlp-sgd-b32", "split": "train", "overrides": ["model.name=mlp", *_SGD, "optim.lr=0.05",
@@ -93,7 +93,7 @@ def build_source(data_dir: str | os.PathLike) -> Path:
                        "data.synthetic_size=8", "data.synthetic_classes=10", "data.synthetic_samples=2000",
                        *_SGD, "optim.lr=0.05", "data.batch_size=64", "schedule.name=cosine", "trainer.epochs=4",
                        "trainer.device=cpu", "policy=full", "tracking.enabled=false", "trainer.progress=false",
-                       "trainer.save_checkpoint=false"])
+                       "trainer.save_checkpoint=false", "trainer.checkpoint_every=0"])
     trainer = Trainer(cfg)
     trainer.fit()
     path.parent.mkdir(parents=True, exist_ok=True)

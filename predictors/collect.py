@@ -166,7 +166,7 @@ def _config(overrides: Sequence[str], seed: int):
     from freezebench.config import load_config
 
     base = [*overrides, f"trainer.seed={int(seed)}", "policy=full", "tracking.enabled=false",
-            "trainer.progress=false", "trainer.save_checkpoint=false"]
+            "trainer.progress=false", "trainer.save_checkpoint=false", "trainer.checkpoint_every=0"]
     cfg = load_config(base)
     if cfg.model.granularity == "auto":  # the recorder works on layers, as the smartfrz policy
         base.append("model.granularity=layer")

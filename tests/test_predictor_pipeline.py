@@ -155,7 +155,8 @@ def test_replay_feeds_the_predictor_exactly_the_stored_windows(collected, tmp_pa
     run = load_dataset(collected[0])["runs"][0]
     cfg = load_config([*run["overrides"], "trainer.seed=0", "policy=smartfrz", f"policy.weights={wpath}",
                        "policy.window=3", "policy.tailor_size=64", "policy.record_every=1", "policy.stage_every=2",
-                       "tracking.enabled=false", "trainer.save_checkpoint=false", "model.granularity=layer"])
+                       "tracking.enabled=false", "trainer.save_checkpoint=false", "trainer.checkpoint_every=0",
+                       "model.granularity=layer"])
     fed: list[tuple[int, torch.Tensor]] = []
     trainer = Trainer(cfg)
     assert isinstance(trainer.policy, SmartFRZ)
