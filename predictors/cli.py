@@ -47,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     trn.add_argument("--tailor-size", type=int, default=1024)
     trn.add_argument("--norm", default="first_delta", choices=["first_delta", "diff", "standardize", "delta", "none"])
     trn.add_argument("--epochs", type=int, default=6)
-    trn.add_argument("--samples-per-epoch", type=int, default=1024)
+    trn.add_argument("--samples-per-epoch", type=int, default=768)
     trn.add_argument("--lr", type=float, default=1e-3)
     trn.add_argument("--seed", type=int, default=0)
     trn.add_argument("--no-track", action="store_true", help="do not log the predictor to MLflow")
@@ -66,7 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bd.add_argument("--train-only", action="store_true", help="train on the corpus files present, collect nothing")
     bd.add_argument("--norm", default=None, help="skip the normalisation selection and use this one")
     bd.add_argument("--epochs", type=int, default=6, help="training epochs per predictor")
-    bd.add_argument("--samples-per-epoch", type=int, default=1024, help="training samples drawn per epoch")
+    bd.add_argument("--samples-per-epoch", type=int, default=768, help="training samples drawn per epoch")
     bd.add_argument("--debug", **hidden)
     pr.set_defaults(handler=cmd_predictor)
 

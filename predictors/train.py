@@ -98,9 +98,10 @@ class Samples:
         if tailor_size > int(data["tailor_size"]):
             raise ValueError(f"tailor_size {tailor_size} exceeds the collected {data['tailor_size']}")
         self.window, self.tailor_size = int(window), int(tailor_size)
-        self.runs = data["runs"]
-        self.snapshots = [r["snapshots"][..., :tailor_size].contiguous() for r in self.runs]
-        parts = [build_samples(r, window) for r in self.runs]
+        self.snapshots = [r["snapshots"][..., :tailor_size].contiguous() for r in data["runs"]]
+        # metadata only: the full-width snapshots are not kept (memory)
+        self.runs = [{k: v for k, v in r.items() if k != "snapshots"} for r in data["runs"]]
+        parts = [build_samples(r, window) for r in data["runs"]]
         self.run = torch.cat([torch.full((len(p["end"]),), i, dtype=torch.long) for i, p in enumerate(parts)]) \
             if parts else torch.zeros(0, dtype=torch.long)
         for key in ("end", "row", "unit", "step", "check", "labels"):
@@ -143,7 +144,7 @@ def train_predictor(
     tailor_size: int = 1024,
     norm: str = "first_delta",
     epochs: int = 6,
-    samples_per_epoch: int | None = 1024,  # training samples drawn per epoch (None: all)
+    samples_per_epoch: int | None = 768,  # training samples drawn per epoch (None: all)
     lr: float = 1e-3,
     batch_size: int = 64,
     seed: int = 0,
@@ -289,9 +290,10 @@ def evaluate_predictor(weights: str | os.PathLike, datasets: Sequence[str | os.P
 def train_family(train: Sequence[Any], val: Sequence[Any], *, folder: str | os.PathLike | None = None,
                  norms: Sequence[str] = ("first_delta", "diff", "standardize"), norm: str | None = None,
                  members: Sequence[tuple[int, int]] | None = None, select_at: tuple[int, int] = (30, 1024),
-                 log=print, **kw) -> dict[str, Any]:
+                 select_epochs: int = 4, select_samples: int | None = 512, log=print, **kw) -> dict[str, Any]:
     """Train the shipped family from one collection: the normalisation chosen on ``val`` (highest ROC AUC)
-    at ``select_at`` = (window, tailor) among ``norms`` (unless ``norm`` is given), then every member of :data:`.weights.FAMILY`
+    at ``select_at`` = (window, tailor) among ``norms`` (unless ``norm`` is given; ``select_epochs`` epochs of
+    ``select_samples`` samples each, a smaller budget than the members'), then every member of :data:`.weights.FAMILY`
     (or ``members``) with it, written to ``folder`` (default the package's weights folder)."""
     from .weights import FAMILY
 
@@ -299,8 +301,9 @@ def train_family(train: Sequence[Any], val: Sequence[Any], *, folder: str | os.P
     report: dict[str, Any] = {"norm_selection": {}}
     if norm is None:
         for n in norms:
+            sel = {**kw, "epochs": select_epochs, "samples_per_epoch": select_samples}
             m = train_predictor(train=[train_d], val=[val_d], out=None, window=select_at[0],
-                                tailor_size=select_at[1], norm=n, log=log, **kw)
+                                tailor_size=select_at[1], norm=n, log=log, **sel)
             report["norm_selection"][n] = {k: m[k] for k in ("auc", "f1", "accuracy", "best_epoch")}
             log(f"norm {n}: val auc {m['auc']:.4f} f1 {m['f1']:.4f}")
         norm = max(report["norm_selection"], key=lambda k: (report["norm_selection"][k]["auc"], k))

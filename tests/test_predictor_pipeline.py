@@ -245,7 +245,8 @@ def test_train_family_writes_every_member(collected, tmp_path):
     from freezebench.predictors.weights import family_file
 
     rep = train_family([collected[0]], [collected[1]], folder=tmp_path, norms=("first_delta", "diff"),
-                       members=[(3, 64), (2, 32)], select_at=(3, 64), epochs=1, samples_per_epoch=None,
+                       members=[(3, 64), (2, 32)], select_at=(3, 64), select_epochs=1, select_samples=None,
+                       epochs=1, samples_per_epoch=None,
                        batch_size=8, log=lambda s: None)
     assert set(rep["norm_selection"]) == {"first_delta", "diff"} and rep["norm"] in rep["norm_selection"]
     best = max(rep["norm_selection"].values(), key=lambda m: m["auc"])["auc"]
