@@ -333,9 +333,9 @@ def test_query_depends_on_the_current_snapshot():
     assert meta["norm"] in QUERY_MODES
     qx, qy = (model.mlp_q(normalize(t, model.norm)[:, -1]) for t in (x, y))
     assert not torch.allclose(qx, qy)
-    _, ax = model(x, return_attention=True)
-    _, ay = model(y, return_attention=True)
-    assert not torch.allclose(ax, ay)
+    # the attention scores a_j = Q_t . K_j of the same keys change with the query (eq. 2)
+    k = model.mlp_k(normalize(x, model.norm))
+    assert not torch.allclose(k @ qx.unsqueeze(-1), k @ qy.unsqueeze(-1))
 
 
 def test_stage_decision_is_the_rule_the_policy_calls(always, monkeypatch):
