@@ -128,7 +128,8 @@ def test_resume_with_another_world_size_is_a_clear_error(tiny_overrides, tmp_pat
 
     t = Trainer(load_config([*tiny_overrides, "tracking.enabled=false", f"trainer.output_dir={tmp_path}",
                              "trainer.epochs=1", "tracking.run_name=w"]))
-    payload = ckpt.build_payload(t, epoch=0, batch=0, epoch_acc=None, accounting={}, rng=[], world_size=2)
+    payload = ckpt.build_payload(t.state_dict(), t.checkpoint_payload(), t.cfg, rng=[], epoch_acc=None, world_size=2,
+                                 mlflow={"run_id": None, "uri": None})
     ckpt.write(payload, tmp_path / "w2.pt")
     with pytest.raises(CheckpointError, match="written by 2 process.*--nproc_per_node 2"):
         Trainer(load_config([*tiny_overrides, "tracking.enabled=false", f"trainer.output_dir={tmp_path}",

@@ -193,3 +193,97 @@ def shard_data(data: Any, ctx: Dist) -> Any:
     """A :class:`freezebench.zoo.data.DataBundle` whose loaders give this rank's shards."""
     return replace(data, train=ShardedLoader(data.train, ctx.rank, ctx.world_size, pad=True),
                    val=ShardedLoader(data.val, ctx.rank, ctx.world_size, pad=False))
+
+
+# --- the parallelism object the trainer holds ----------------------------------------------------------------
+class SingleProcess:
+    """One process: every collective is the identity, the data is not sharded, the model not wrapped.
+
+    :class:`DataParallel` has the same methods; the training loop calls them unconditionally, so it has no
+    single-process / DDP branches.
+    """
+
+    rank = 0
+    world_size = 1
+
+    def setup(self, device: torch.device) -> torch.device:
+        """The device this process trains on."""
+        return device
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (decisions, paths, flags)."""
+        return obj
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order."""
+        return [obj]
+
+    def sum(self, values: list[float], device: torch.device) -> list[float]:
+        """Element-wise sums over ranks."""
+        return values
+
+    def gather_cat(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``t`` concatenated in rank order (the global batch)."""
+        return t
+
+    def agree(self, flag: bool, step: int, every: int, device: torch.device) -> bool:
+        """Whether any rank raised ``flag``; under DDP checked (a collective) every ``every`` steps only."""
+        return flag
+
+    def reduce_epoch(self, sums: Any, model: torch.nn.Module) -> None:
+        """An epoch's :class:`~freezebench.trainer.state.EpochSums` over all ranks, and rank 0's buffers."""
+
+    def wrap(self, model: torch.nn.Module, device: torch.device, old: Any = None) -> torch.nn.Module:
+        """What the training step calls: the model itself, or a DDP wrapper over its trained parameters."""
+        return model
+
+    def shard(self, data: Any) -> Any:
+        """The :class:`~freezebench.zoo.data.DataBundle` this process iterates."""
+        return data
+
+
+class DataParallel(SingleProcess):
+    """Data parallelism under ``torchrun`` (see the module docstring for how the ranks stay in step)."""
+
+    def __init__(self, ctx: Dist):
+        self.ctx = ctx
+        self.rank, self.world_size = ctx.rank, ctx.world_size
+
+    def setup(self, device: torch.device) -> torch.device:
+        return setup(self.ctx, device)
+
+    def broadcast(self, obj: Any) -> Any:
+        return broadcast_object(obj)
+
+    def gather(self, obj: Any) -> list[Any]:
+        return all_gather_object(obj)
+
+    def sum(self, values: list[float], device: torch.device) -> list[float]:
+        return all_reduce_sum(values, device)
+
+    def gather_cat(self, t: torch.Tensor) -> torch.Tensor:
+        return all_gather_cat(t)
+
+    def agree(self, flag: bool, step: int, every: int, device: torch.device) -> bool:
+        if step % every:
+            return False
+        return any_rank(flag, device)
+
+    def reduce_epoch(self, sums: Any, model: torch.nn.Module) -> None:
+        s, f, ls, c = all_reduce_sum([sums.samples, sums.flops, sums.loss_sum.item(), sums.correct.item()],
+                                     sums.loss_sum.device)
+        broadcast_buffers(model)
+        sums.samples, sums.flops = int(s), f
+        sums.loss_sum, sums.correct = torch.tensor(ls), torch.tensor(int(c))
+
+    def wrap(self, model: torch.nn.Module, device: torch.device, old: Any = None) -> torch.nn.Module:
+        return wrap(model, device, old)
+
+    def shard(self, data: Any) -> Any:
+        return shard_data(data, self.ctx)
+
+
+def parallel_from_env() -> SingleProcess:
+    """:class:`DataParallel` under ``torchrun`` (``RANK``/``WORLD_SIZE`` set), else :class:`SingleProcess`."""
+    ctx = from_env()
+    return SingleProcess() if ctx is None else DataParallel(ctx)
