@@ -121,7 +121,9 @@ class SieveHook(Hook):
         self.sieve = sieve
 
     def after_step(self, trainer: Trainer, step: int, losses: torch.Tensor, idx: torch.Tensor) -> None:
-        self.sieve.record(idx, losses.detach())
+        # the global batch under DDP, so every rank's sieve holds the same losses and moves the same samples
+        gather = trainer.parallel.gather_cat
+        self.sieve.record(gather(idx), gather(losses.detach()))
 
     def state_dict(self) -> dict[str, Any]:
         return self.sieve.state_dict()

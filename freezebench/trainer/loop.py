@@ -181,12 +181,10 @@ class Trainer:
     def _setup_data(self, data: DataBundle | None) -> None:
         cfg, tc = self.cfg, self.cfg.trainer
         self.data = data if data is not None else build_data(cfg.data, seed=tc.seed, device=self.device)
-        # data sieving (data.sieve.*): the training loader iterates over the sieve's partial set
+        # the data order, a sampler chain (freezebench.zoo.sampling): the epoch's shuffle, or the sieve's
+        # partial set (data.sieve.*), then under DDP this rank's shard of it
         self.data, self.sieve = sieve_data(cfg.data.sieve, self.data, seed=tc.seed, device=self.device)
-        if self.sieve is not None and isinstance(self.parallel, distributed.DataParallel):
-            raise ConfigError("data.sieve is not supported under DDP (several processes) yet; "
-                              "set data.sieve.enabled=false")
-        self.data = self.parallel.shard(self.data)  # this rank's shard of every epoch
+        self.data = self.parallel.shard(self.data)
 
     def _setup_model(self, model: torch.nn.Module | None, policy: FreezePolicy | None) -> None:
         cfg, tc, info = self.cfg, self.cfg.trainer, self.data.info
