@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
-from ..fileio import atomic_torch_save
+from ..fileio import atomic_torch_save, read_pt
 
 log = logging.getLogger(__name__)
 
@@ -123,11 +123,11 @@ def write(payload: dict[str, Any], path: str | Path) -> Path:
 def read(path: str | Path, *, lazy: bool = False) -> dict[str, Any]:
     """Load and check a freezebench training checkpoint (``lazy``: memory-map tensors, for a quick look)."""
     p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"checkpoint {str(p)!r} does not exist (or is not a file); resume=auto finds the "
-                              f"latest checkpoint of this config under trainer.output_dir")
     try:
-        payload = torch.load(p, map_location="cpu", weights_only=True, mmap=lazy)
+        payload = read_pt(p, mmap=lazy)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {str(p)!r} does not exist (or is not a file); resume=auto finds the "
+                              f"latest checkpoint of this config under trainer.output_dir") from None
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CheckpointError(

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from .. import __version__
+from .. import metrics as M
 from ..config import flatten, to_yaml
 from ..cost import CostModel
 from ..errors import ConfigError, NonFiniteLossError, TrainingInterrupted
@@ -594,22 +595,22 @@ class Trainer:
         state.tflops += sums.flops / 1e12
         state.tflops_full += self.dense_full_step_flops * samples / 1e12
         m = {
-            "train/loss": train_loss,
-            "train/acc": sums.correct.item() / max(samples, 1),
-            "val/loss": state.val_loss,
-            "val/acc": state.val_acc,
-            "time/epoch_s": sums.loop_s + eval_s,
-            "time/train_s": sums.loop_s - policy_s,
-            "time/eval_s": eval_s,
-            "time/policy_s": policy_s,
-            "cost/tflops": state.tflops,
-            "cost/tflops_epoch": sums.flops / 1e12,
-            "cost/tflops_full": state.tflops_full,
-            "freeze/frozen_units": float(len(self.freezer.frozen)),
-            "freeze/frozen_param_frac": self.freezer.frozen_param_fraction,
-            "mem/peak_mb": peak_memory_mb(self.device),
-            "lr": state.lr_factor * self.cfg.optim.lr,
-            "data/samples_per_epoch": float(samples),
+            M.TRAIN_LOSS: train_loss,
+            M.TRAIN_ACC: sums.correct.item() / max(samples, 1),
+            M.VAL_LOSS: state.val_loss,
+            M.VAL_ACC: state.val_acc,
+            M.TIME_EPOCH_S: sums.loop_s + eval_s,
+            M.TIME_TRAIN_S: sums.loop_s - policy_s,
+            M.TIME_EVAL_S: eval_s,
+            M.TIME_POLICY_S: policy_s,
+            M.COST_TFLOPS: state.tflops,
+            M.COST_TFLOPS_EPOCH: sums.flops / 1e12,
+            M.COST_TFLOPS_FULL: state.tflops_full,
+            M.FROZEN_UNITS: float(len(self.freezer.frozen)),
+            M.FROZEN_PARAM_FRAC: self.freezer.frozen_param_fraction,
+            M.PEAK_MB: peak_memory_mb(self.device),
+            M.LR: state.lr_factor * self.cfg.optim.lr,
+            M.SAMPLES_PER_EPOCH: float(samples),
         }
         for h in self.hooks:
             m.update(h.epoch_metrics())
@@ -624,7 +625,7 @@ class Trainer:
             tqdm.write(
                 f"epoch {epoch + 1:>3}/{plan.epochs}  loss {train_loss:.4f}  val/acc {state.val_acc:.4f}  "
                 f"frozen {len(self.freezer.frozen)}/{len(self.units) - 1}  "
-                f"{m['time/epoch_s']:.1f}s (policy {policy_s:.2f}s)",
+                f"{m[M.TIME_EPOCH_S]:.1f}s (policy {policy_s:.2f}s)",
                 file=sys.stderr,
             )
         if tc.checkpoint_every and (epoch + 1) % tc.checkpoint_every == 0 and not last:
@@ -635,10 +636,10 @@ class Trainer:
         state = self.state
         final = dict(state.history[-1]) if state.history else {}
         final.update({
-            "time/total_s": time.perf_counter() - self._t_start,
-            "time/policy_total_s": state.policy_time,
-            "cost/saving_frac": 1 - state.tflops / state.tflops_full if state.tflops_full else 0.0,
-            "freeze/events": float(len(self.freezer.events)),
+            M.TIME_TOTAL_S: time.perf_counter() - self._t_start,
+            M.TIME_POLICY_TOTAL_S: state.policy_time,
+            M.COST_SAVING_FRAC: 1 - state.tflops / state.tflops_full if state.tflops_full else 0.0,
+            M.FREEZE_EVENTS: float(len(self.freezer.events)),
         })
         return RunResult(run_id=self.tracker.run_id, metrics=final, history=[dict(h) for h in state.history],
                          events=list(self.freezer.events), unit_names=[u.name for u in self.units])
