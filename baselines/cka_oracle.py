@@ -92,6 +92,7 @@ from freezebench.analysis.oracle import (
     window_variance,
 )
 from freezebench.analysis.similarity import gram_linear
+from freezebench.ranges import Range
 
 log = logging.getLogger(__name__)
 
@@ -222,8 +223,13 @@ class CKAOracle(FreezePolicy):
     granularity = "layer"
     Config = CKAOracleConfig
 
-    @staticmethod
-    def validate_config(cfg: CKAOracleConfig) -> None:
+    ranges = {"checks_per_epoch": Range(1), "window_epochs": Range(0, lo_open=True, note="epochs"),
+              "var_threshold": Range(0, lo_open=True),
+              "cutoff": Range(-1, 1, hi_open=True, note="(debiased CKA can be slightly negative)")}
+
+    @classmethod
+    def validate_config(cls, cfg: Any) -> None:
+        super().validate_config(cfg)
         if not cfg.reference:
             raise ConfigError(
                 "policy.reference is required: the checkpoint of a well-trained run of the same model, e.g. "
@@ -234,16 +240,10 @@ class CKAOracle(FreezePolicy):
                 f"policy.reference={cfg.reference!r} does not exist (or is not a file); pass the final.pt of "
                 f"an earlier run of the same model, e.g. outputs/<run_id>/final.pt, or runs:/<run_id>"
             )
-        if cfg.checks_per_epoch < 1:
-            raise ConfigError(f"policy.checks_per_epoch must be >= 1, got {cfg.checks_per_epoch}")
-        try:
+        try:  # the window in epochs must span at least one check interval at this check rate
             window_checks(cfg.window_epochs, cfg.checks_per_epoch)
         except ValueError as e:
             raise ConfigError(f"policy.window_epochs: {e}") from None
-        if not cfg.var_threshold > 0:
-            raise ConfigError(f"policy.var_threshold must be > 0, got {cfg.var_threshold}")
-        if not -1.0 <= cfg.cutoff < 1.0:  # debiased CKA can be slightly negative
-            raise ConfigError(f"policy.cutoff must be in [-1, 1), got {cfg.cutoff}")
 
     def setup(self, units, plan: Plan) -> None:
         super().setup(units, plan)
