@@ -166,10 +166,10 @@ def _run(args: argparse.Namespace) -> int:
             return 0
         print(f"predictor {weights} (window {m['window']}, tailor {m['tailor_size']}, threshold {m['threshold']:.4f})")
         cols = ("auc", "accuracy", "precision", "recall", "f1", "n", "freeze_frac")
-        print("run".ljust(28) + "".join(c.rjust(11) for c in cols) + "  median freeze delta (epochs)")
+        print("run".ljust(28) + "".join(c.rjust(12) for c in cols) + "  median freeze delta (epochs)")
         for rid, r in {**m.get("runs", {}), "ALL": m}.items():
             t = r["timing"]["median_delta_epochs"]
-            print(rid.ljust(28) + "".join(_fmt(r[c]).rjust(11) for c in cols) + f"  {'-' if t is None else f'{t:+.2f}'}")
+            print(rid.ljust(28) + "".join(_fmt(r[c]).rjust(12) for c in cols) + f"  {'-' if t is None else f'{t:+.2f}'}")
         return 0
     if cmd == "build":
         from .build import collect_corpus, corpus_paths, split_ids
