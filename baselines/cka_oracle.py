@@ -14,25 +14,26 @@ to imitate. It needs the trained model in advance, so it is an *upper bound* to 
 against, not a practical method. Similarity: linear CKA, Kornblith, Norouzi, Lee and Hinton, "Similarity of
 Neural Network Representations Revisited", ICML 2019 (SmartFRZ eq. 5).
 
-Rule: at each check (``checks_per_epoch`` evenly spaced optimiser steps per epoch; the paper checks and
-freezes once per epoch, at its end) compute, for every active unit, the linear CKA between its output and
-the reference's corresponding unit's output on the trainer's fixed probe batch, and append it to the unit's
-history. Freeze unit ``l`` when
+Rule (one implementation, :mod:`freezebench.analysis.oracle`, shared with SmartFRZ's data collection so
+the predictor imitates exactly this oracle): at each check (``checks_per_epoch`` evenly spaced optimiser
+steps per epoch; the paper checks and freezes once per epoch, at its end) compute, for every active unit,
+the debiased linear CKA between its output and the reference's corresponding unit's output on the
+trainer's fixed probe batch, and append it to the unit's history. Freeze unit ``l`` when
 
-    len(history) >= window  and  var(last `window` values) < var_threshold  and  history[-1] > cutoff
+    len(history) >= k  and  var(last k values) < var_threshold  and  history[-1] > cutoff,
+    k = round(window_epochs * checks_per_epoch) + 1
 
-(``var``: population variance, ``ddof = 0``, as ``numpy.var``). Non-sequential by default (the paper's
-Figure 4 shows later layers stabilising before earlier ones, the argument for non-sequential freezing);
+(``var``: population variance, ``ddof = 0``, as ``numpy.var``): the window is given in **epochs**, so the
+check rate does not change what "stable" means. Non-sequential by default (the paper's Figure 4 shows
+later layers stabilising before earlier ones, the argument for non-sequential freezing);
 ``sequential: true`` freezes only the longest prefix of the active units that meets the rule. Never
 unfreezes. The pure core is :func:`oracle_decision`.
 
-Defaults and their source: ``var_threshold = 1e-4``, ``cutoff = 0.3`` and ``window = 20`` checks are the
-third-party defaults (the paper gives none). ``window = 20`` never fills on our runs: at one check per
-epoch (the paper's cadence) a 10-epoch fine-tuning run has 10 checks, and the earliest possible freeze
-is at check ``window``. We use ``window = 3``: the earliest freeze is at the end of epoch 3 of 10, a unit
-must hold its CKA within about +-0.01 (std < 0.01) over three epochs, and the window still smooths a
-single lucky check. With ``checks_per_epoch = c`` scale the window by ``c`` to keep the same span in
-epochs. ``checks_per_epoch = 1`` as the paper ("the freezing is conducted at the end of each epoch").
+Defaults and their source: ``var_threshold = 1e-4`` and ``cutoff = 0.3`` are the third-party defaults
+(the paper gives none); so is a window of 20 checks, which never fills on our runs (a 10-epoch run at the
+paper's one check per epoch has 10 checks). We use ``window_epochs = 2`` (3 checks at one check per epoch):
+the earliest freeze is at the end of epoch 3 of 10, a unit must hold its CKA within about +-0.01
+(std < 0.01) over two epochs, and the window still smooths a single lucky check.
 
 The reference (``reference``) is a checkpoint written by an earlier freezebench run
 (``outputs/<run_id>/final.pt``, see :meth:`freezebench.trainer.Trainer.checkpoint_payload`), or an MLflow
@@ -41,7 +42,8 @@ is rebuilt from the checkpoint's own ``model_name``, ``num_classes``, ``in_chann
 and partitioned like the trained model; its units must match the trained model's one for one (module
 names and parameter shapes), else a :class:`~freezebench.errors.ConfigError` says how they differ.
 
-Measured (digits, resnet20 at layer granularity, 10 epochs, seed 0, CPU; the reference is the ``full``
+Measured *before the switch to the debiased estimator* (biased CKA, 3 checks; not re-measured since, so
+read it as the old rule's figures) (digits, resnet20 at layer granularity, 10 epochs, seed 0, CPU; the reference is the ``full``
 run of the same seed, so until its first freeze the oracle's run retraces the reference's trajectory, as
 in the paper's "train the same network again"): full training val/acc 0.9944 at 0.2167 TFLOPs; the
 oracle with the defaults 0.9889 (2 of 360 validation images fewer) at 37.0% less compute, all 19
@@ -50,16 +52,19 @@ less compute for ResNet-50 at equal accuracy.
 
 What we changed and why:
 
-* **Probe batch.** CKA is computed on the trainer's fixed, seeded probe batch of
-  ``trainer.probe_batch_size`` inputs (default 64; the paper does not say how many images it used). The
-  *biased* linear CKA estimator used by the paper is inflated at small n (independent inputs score about
-  0.2 at n = 32), which matters for ``cutoff = 0.3``: keep the probe at 64 or more, and the probe size
-  is a recorded config value of every run.
+* **Estimator and probe batch.** CKA is computed on the trainer's fixed, seeded probe batch of
+  ``trainer.probe_batch_size`` inputs (default 64; the paper does not say how many images it used) with
+  the **debiased** estimator. The biased estimator of the paper's eq. 5 is inflated when the probe has few
+  inputs relative to the features: for *independent* standard-normal data at n = 64 it gives 0.50 with 64
+  features, 0.94 with 1024 and 0.996 with 16384 (measured; "about 0.2 at n = 32", which this docstring
+  used to say, holds only for about 10 features), so with flattened conv activations "CKA > 0.3" was
+  nearly always true. The debiased estimator gives 0.00 +- 0.03 at n = 64 for every feature count
+  measured, so the cutoff means "related to the reference". Figures in :mod:`freezebench.analysis.oracle`.
 * **Cached reference.** The reference and the probe batch are both fixed, so the reference's side of CKA
   is computed once, at the first check, and kept as one n x n Gram matrix per unit (``X X^T``: linear CKA
   in its Gram form, equal to the feature form to rounding); the reference model is then released. The
   training model's side is computed at every check from the activations the trainer delivers.
-* **Bounded history.** Only the last ``window`` CKA values of each active unit are kept (all the rule
+* **Bounded history.** Only the last ``k`` CKA values of each active unit are kept (all the rule
   reads); a frozen unit's history is dropped.
 """
 
@@ -75,7 +80,19 @@ import torch
 
 from freezebench.errors import ConfigError, FreezebenchError
 from freezebench.policy import Decision, FreezePolicy, Plan, PolicyConfig, Signal, Signals, epoch_check_offsets
-from freezebench.analysis.similarity import cka_from_grams, gram_linear
+from freezebench.analysis.oracle import (
+    CUTOFF,
+    VAR_THRESHOLD,
+    WINDOW_EPOCHS,
+    check_steps,
+    cka_ready,
+    oracle_cka,
+    oracle_decision,
+    window_checks,
+    window_variance,
+)
+from freezebench.analysis.similarity import gram_linear
+from freezebench.ranges import Range
 
 log = logging.getLogger(__name__)
 
@@ -87,60 +104,18 @@ class CKAOracleConfig(PolicyConfig):
     name: str = "cka_oracle"
     reference: str | None = None  # required: final.pt of an earlier run (outputs/<run_id>/final.pt) or runs:/<run_id>
     checks_per_epoch: int = 1  # CKA checks (each followed by a freezing decision) per epoch, evenly spaced; paper: 1
-    window: int = 3  # checks whose CKA variance must be small (third-party default 20 never fills in 10 checks)
-    var_threshold: float = 1e-4  # freeze when the variance of the last `window` CKA values is below this
-    cutoff: float = 0.3  # ... and the current CKA to the reference is above this (biased CKA, in [0, 1])
+    window_epochs: float = WINDOW_EPOCHS  # span, in epochs, over which the CKA variance must be small (2: 3 checks at 1 check/epoch)
+    var_threshold: float = VAR_THRESHOLD  # freeze when the variance of the CKA over the window is below this
+    cutoff: float = CUTOFF  # ... and the current (debiased) CKA to the reference is above this
     sequential: bool = False  # true: freeze only the longest front prefix of active units that meets the rule
 
 
 # --------------------------------------------------------------------------------------------------------
-# pure core
+# pure core: the shared rule (freezebench.analysis.oracle), re-exported here
 # --------------------------------------------------------------------------------------------------------
 
-
-def check_steps(steps_per_epoch: int, epochs: int, checks_per_epoch: int) -> list[int]:
-    """The optimiser steps (1-based counts of completed steps) after which a check runs.
-
-    ``checks_per_epoch`` evenly spaced checks per epoch, the last at the epoch's end (check ``j`` of
-    epoch ``e`` after step ``e * S + ceil(j * S / c)``); more checks than steps per epoch means one check
-    after every step (:func:`freezebench.policy.epoch_check_offsets`).
-    """
-    offsets = epoch_check_offsets(steps_per_epoch, checks_per_epoch)
-    return [e * steps_per_epoch + o for e in range(epochs) for o in offsets]
-
-
-def window_variance(values: Sequence[float]) -> float:
-    """Population variance (``ddof = 0``) of ``values``."""
-    n = len(values)
-    mean = sum(values) / n
-    return sum((v - mean) ** 2 for v in values) / n
-
-
-def cka_ready(history: Sequence[float], window: int, var_threshold: float, cutoff: float) -> bool:
-    """Whether a unit with this CKA history (oldest first) meets the oracle's freezing rule."""
-    if len(history) < window:
-        return False
-    last = list(history[-window:])
-    # written so that a NaN CKA never freezes
-    return bool(window_variance(last) < var_threshold and last[-1] > cutoff)
-
-
-def oracle_decision(histories: Mapping[int, Sequence[float]] | Sequence[Sequence[float]], window: int,
-                    var_threshold: float, cutoff: float, sequential: bool = False) -> list[int]:
-    """The units to freeze now under the CKA-oracle rule (pure function).
-
-    ``histories`` maps each *active* unit (in forward order by key; a plain list is indexed by position)
-    to its CKA history, oldest first. Returns the keys of the units that meet :func:`cka_ready`; with
-    ``sequential`` only the longest run of them from the front of the active units.
-    """
-    items = sorted(histories.items()) if isinstance(histories, Mapping) else list(enumerate(histories))
-    out = []
-    for unit, hist in items:
-        if cka_ready(hist, window, var_threshold, cutoff):
-            out.append(unit)
-        elif sequential:
-            break
-    return out
+__all__ = ["CKAOracle", "CKAOracleConfig", "check_steps", "window_checks", "window_variance", "cka_ready",
+           "oracle_decision", "build_reference", "read_reference", "resolve_reference"]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -248,8 +223,13 @@ class CKAOracle(FreezePolicy):
     granularity = "layer"
     Config = CKAOracleConfig
 
-    @staticmethod
-    def validate_config(cfg: CKAOracleConfig) -> None:
+    ranges = {"checks_per_epoch": Range(1), "window_epochs": Range(0, lo_open=True, note="epochs"),
+              "var_threshold": Range(0, lo_open=True),
+              "cutoff": Range(-1, 1, hi_open=True, note="(debiased CKA can be slightly negative)")}
+
+    @classmethod
+    def validate_config(cls, cfg: Any) -> None:
+        super().validate_config(cfg)
         if not cfg.reference:
             raise ConfigError(
                 "policy.reference is required: the checkpoint of a well-trained run of the same model, e.g. "
@@ -260,14 +240,10 @@ class CKAOracle(FreezePolicy):
                 f"policy.reference={cfg.reference!r} does not exist (or is not a file); pass the final.pt of "
                 f"an earlier run of the same model, e.g. outputs/<run_id>/final.pt, or runs:/<run_id>"
             )
-        if cfg.checks_per_epoch < 1:
-            raise ConfigError(f"policy.checks_per_epoch must be >= 1, got {cfg.checks_per_epoch}")
-        if cfg.window < 2:
-            raise ConfigError(f"policy.window must be >= 2 checks (the variance of one value is 0), got {cfg.window}")
-        if not cfg.var_threshold > 0:
-            raise ConfigError(f"policy.var_threshold must be > 0, got {cfg.var_threshold}")
-        if not 0.0 <= cfg.cutoff < 1.0:
-            raise ConfigError(f"policy.cutoff must be in [0, 1), got {cfg.cutoff}")
+        try:  # the window in epochs must span at least one check interval at this check rate
+            window_checks(cfg.window_epochs, cfg.checks_per_epoch)
+        except ValueError as e:
+            raise ConfigError(f"policy.window_epochs: {e}") from None
 
     def setup(self, units, plan: Plan) -> None:
         super().setup(units, plan)
@@ -275,6 +251,7 @@ class CKAOracle(FreezePolicy):
         path = resolve_reference(str(self.cfg.reference))
         self.reference, self.reference_units = build_reference(path, units, plan.device)
         self.checks = frozenset(check_steps(plan.steps_per_epoch, plan.epochs, self.cfg.checks_per_epoch))
+        self.window = window_checks(self.cfg.window_epochs, self.cfg.checks_per_epoch)  # in checks
         self.histories: dict[int, list[float]] = {}
         self._ref_grams: dict[int, torch.Tensor] | None = None  # unit -> n x n Gram of the reference output
 
@@ -308,19 +285,20 @@ class CKAOracle(FreezePolicy):
             x = signals.activations.get(i)
             if x is None:
                 continue
-            value = cka_from_grams(gram_linear(x), grams[i])
+            value = oracle_cka(gram_linear(x), grams[i])
             hist = self.histories.setdefault(i, [])
             hist.append(value)
-            del hist[: -self.cfg.window]
+            del hist[: -self.window]
 
     def decide(self, step: int) -> Decision | None:
         c = self.cfg
         hist = {i: h for i, h in self.histories.items() if i not in self.frozen}
-        todo = oracle_decision(hist, c.window, c.var_threshold, c.cutoff, c.sequential)
+        todo = oracle_decision(hist, self.window, c.var_threshold, c.cutoff, c.sequential)
         if not todo:
             return None
-        parts = [f"{i}: CKA {hist[i][-1]:.4f}, var {window_variance(hist[i][-c.window:]):.2e}" for i in todo]
-        return Decision(freeze=todo, reason=f"CKA to reference stable over {c.window} checks ({'; '.join(parts)})")
+        parts = [f"{i}: CKA {hist[i][-1]:.4f}, var {window_variance(hist[i][-self.window:]):.2e}" for i in todo]
+        return Decision(freeze=todo, reason=f"CKA to reference stable over {self.window} checks "
+                                            f"({c.window_epochs:g} epochs; {'; '.join(parts)})")
 
     def epoch_metrics(self) -> dict[str, float]:
         """Mean of the latest similarity over the units still being tracked (logged as ``policy/cka_mean``)."""

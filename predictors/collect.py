@@ -1,62 +1,73 @@
-"""Training data for SmartFRZ's predictor (paper section 3.4): windows of weight snapshots labelled by the CKA oracle.
+"""Training data for SmartFRZ's predictor (paper section 3.4): recorded weight histories labelled by the CKA oracle.
 
-    path = collect(["model.name=resnet20", "data.name=digits", "trainer.epochs=10"], out="data/r20_s0.pt")
+    path = collect(["model.name=resnet20", "data.name=digits", "trainer.epochs=8"], out="data/r20.pt",
+                   seeds=(0, 1))
 
-Steps:
+A collection trains the same configuration twice, with two seeds ``a`` and ``b`` (different initial
+weights and data order), each time under :class:`Recorder`, a policy that never freezes and records:
 
-1. **Reference.** Train the model with ``policy=full`` (the given overrides, tracking and progress bar off);
-   its final weights are the reference, written to a temporary checkpoint.
-2. **Recording run.** Train the *same* model again from the *same* initial weights (same config and seed,
-   so the same init; checked by comparing the two initial ``state_dict``\\ s, a mismatch is an error) with
-   :class:`_Recorder`, a policy that never freezes. Every ``record_every`` steps (default
-   ``max(1, steps_per_epoch // 30)``, as :mod:`.policy`) it stores every freezable unit's tailored snapshot
-   (:class:`.tailoring.Tailor`, ``tailor_size`` weights, tailoring seed ``seed``); at every check
-   (``Plan.check_steps(checks_per_epoch)``) it computes each freezable unit's linear CKA to the reference's
-   corresponding unit on the trainer's fixed probe batch (the reference side computed once, as the oracle).
-3. **Labels.** For each unit, its CKA history over the checks is labelled with the CKA-oracle rule
-   (:func:`oracle_labels`): 1 from the first check where :func:`~freezebench.baselines.cka_oracle.cka_ready`
-   holds (the oracle would freeze the unit then; it has converged, so later checks are 1 too), else 0.
-4. **Samples.** At each check step ``t`` a unit gives one sample: the last ``window`` snapshots recorded at
-   or before ``t`` (what SmartFRZ's predictor sees at a stage at step ``t``), oldest first, and its label;
-   checks before a full window exists give none.
+* every ``record_every`` steps (default as the ``smartfrz`` policy: ``max(1, steps_per_epoch // 30)``)
+  the **tailored snapshot** of every freezable unit, ``tailor_size`` weights in **float32** (exactly what
+  :class:`~.policy.SmartFRZ` writes into its history, bit for bit: same :class:`~.tailoring.Tailor`, same
+  seed, same dtype, same steps);
+* at every check (``checks_per_epoch`` per epoch, :func:`freezebench.analysis.oracle.check_steps`) the
+  linear Gram matrix of every freezable unit's output on a **fixed probe batch** (the training set's
+  probe of seed ``a``, the same inputs in both runs).
+
+Then each run is labelled against the **other** run's final weights (the paper trains the network
+"again"; a reference of another seed, as the Table 1 suite does, so the recording run does not retrace
+its reference's trajectory and the last CKA is not 1 by construction): run ``a``'s CKA history of unit
+``u`` is ``oracle_cka(G_a[c, u], G_b[last, u])`` over its checks ``c`` (and the other way round), and the
+labels are :func:`freezebench.analysis.oracle.oracle_labels` of that history: the one rule the
+``cka_oracle`` baseline runs, with its window in epochs.
+
+**Nested tailoring.** Snapshots are collected at the largest tailor size (4096 by default). The first
+``k`` of a unit's sampled indices are its size-``k`` tailoring (:func:`~.tailoring.draw_indices`), so the
+first ``k`` columns of a stored snapshot are exactly the snapshot the policy records at
+``policy.tailor_size = k``. A sample for window ``W`` at check step ``t`` is the last ``W`` snapshots
+recorded at or before ``t`` (what the policy's freezing stage reads at step ``t``), so every window up to
+the number recorded can be cut from one collection (:func:`build_samples`).
 
 Dataset file (``torch.save``, plain types and tensors, readable with ``weights_only=True``)::
 
-    {"format_version": 1, "window": W, "tailor_size": T,
-     "windows": float16 (N, W, T), "labels": int64 (N,), "unit": int64 (N,), "step": int64 (N,),
-     "run": int64 (N,)  -- index into "runs",
-     "runs": [{"id", "model", "dataset", "seed", "epochs", "steps_per_epoch", "overrides", "unit_names",
-               "record_every", "check_steps", "cka" (per unit, per check), "labels" (per unit, per check),
-               "label_rule", "tailor_seed", "init_hash", "reference_init_hash", ...}],
-     # only with keep_snapshots=True: "snapshots" float32 (S, U, T), "snapshot_steps" int64 (S,)}
+    {"format_version": 2, "tailor_size": T,
+     "runs": [{"id", "model", "dataset", "seed", "reference_seed", "epochs", "steps_per_epoch", "overrides",
+               "config", "unit_names", "units", "record_every", "checks_per_epoch", "check_steps",
+               "snapshots": float32 (S, U, T), "snapshot_steps": int64 (S,),
+               "cka" (per unit, per check), "labels" (per unit, per check), "label_rule", "tailor_seed",
+               "probe_seed", "probe_size", "val_acc"}, ...]}
 
-:func:`merge_datasets` concatenates several files (runs keep their ids; the ids must be distinct).
+:func:`merge_datasets` concatenates files (run ids must be distinct); :func:`build_samples` cuts windows.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from freezebench.analysis.oracle import CUTOFF, VAR_THRESHOLD, WINDOW_EPOCHS, check_steps, oracle_cka, oracle_labels
+from freezebench.analysis.similarity import gram_linear
 from freezebench.fileio import atomic_torch_save
-
-from freezebench.baselines.cka_oracle import build_reference, cka_ready
 from freezebench.policy import FreezePolicy, Plan, PolicyConfig, Signal, Signals
-from freezebench.analysis.similarity import cka_from_grams, gram_linear
 
 from .tailoring import Tailor
 
-__all__ = ["FORMAT_VERSION", "collect", "oracle_labels", "build_samples", "merge_datasets", "load_dataset",
-           "state_hash"]
+__all__ = ["FORMAT_VERSION", "COLLECT_TAILOR", "Recorder", "collect", "label_runs", "build_samples", "gather_windows",
+           "merge_datasets", "load_dataset", "state_hash", "default_record_every"]
 
-FORMAT_VERSION = 1
-_ARRAYS = ("windows", "labels", "unit", "step", "run")
+FORMAT_VERSION = 2
+COLLECT_TAILOR = 4096  # the largest tailor size of the family: every smaller one is a prefix
+_RUN_KEYS = ("id", "units", "record_every", "check_steps", "snapshots", "snapshot_steps", "labels")
+
+
+def default_record_every(steps_per_epoch: int) -> int:
+    """The ``smartfrz`` policy's default cadence: about 30 snapshots per epoch."""
+    return max(1, int(steps_per_epoch) // 30)
 
 
 def state_hash(state: dict[str, torch.Tensor]) -> str:
@@ -69,78 +80,71 @@ def state_hash(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def oracle_labels(history: Sequence[float], window: int, var_threshold: float, cutoff: float) -> list[int]:
-    """Label of each check of one unit's CKA history (oldest first): 1 from the first check where the
-    oracle's rule holds on the history up to that check (inclusive), 0 before (and 0 everywhere if never)."""
-    labels, frozen = [], False
-    for t in range(len(history)):
-        frozen = frozen or cka_ready(history[: t + 1], window, var_threshold, cutoff)
-        labels.append(int(frozen))
-    return labels
-
-
-def build_samples(snapshots: torch.Tensor, snapshot_steps: Sequence[int], check_steps: Sequence[int],
-                  labels: Sequence[Sequence[int]], window: int) -> dict[str, torch.Tensor]:
-    """Samples from one run: ``snapshots`` ``(S, U, T)`` recorded after ``snapshot_steps`` (ascending),
-    ``labels[u][c]`` the label of unit ``u`` at ``check_steps[c]``. A sample per (check, unit) with at least
-    ``window`` snapshots at or before the check: its window is the last ``window`` of them, oldest first.
-    Returns ``windows`` (float16), ``labels``, ``unit``, ``step`` (int64)."""
-    steps = torch.as_tensor(list(snapshot_steps), dtype=torch.long)
-    wins, labs, units, at = [], [], [], []
-    for c, t in enumerate(check_steps):
+def build_samples(run: dict[str, Any], window: int) -> dict[str, torch.Tensor]:
+    """The samples of one collected run for a predictor of ``window`` snapshots: one per (check, unit) with at least ``window`` snapshots at or before the
+    check step. Returns ``end`` (index one past the window's last snapshot), ``row`` (the unit's row in
+    ``run["snapshots"]``), ``unit`` (its unit index), ``step``, ``check`` (index into ``check_steps``) and
+    ``labels``, all int64; :func:`gather_windows` turns them into windows."""
+    steps = torch.as_tensor(run["snapshot_steps"], dtype=torch.long)
+    U = len(run["units"])
+    ends, rows, units, at, checks, labs = [], [], [], [], [], []
+    for c, t in enumerate(run["check_steps"]):
         n = int((steps <= t).sum())  # snapshots recorded at or before step t
         if n < window:
             continue
-        block = snapshots[n - window : n]  # (W, U, T)
-        for u in range(snapshots.shape[1]):
-            wins.append(block[:, u])
-            labs.append(int(labels[u][c]))
-            units.append(u)
+        for r in range(U):
+            ends.append(n)
+            rows.append(r)
+            units.append(int(run["units"][r]))
             at.append(int(t))
-    T = snapshots.shape[-1]
-    return {
-        "windows": torch.stack(wins).half() if wins else torch.empty(0, window, T, dtype=torch.float16),
-        "labels": torch.tensor(labs, dtype=torch.long),
-        "unit": torch.tensor(units, dtype=torch.long),
-        "step": torch.tensor(at, dtype=torch.long),
-    }
+            checks.append(c)
+            labs.append(int(run["labels"][r][c]))
+    out = {k: torch.tensor(v, dtype=torch.long) for k, v in
+           (("end", ends), ("row", rows), ("unit", units), ("step", at), ("check", checks), ("labels", labs))}
+    return out
 
 
-class _Recorder(FreezePolicy):
-    """Never freezes; records tailored snapshots and, at each check, CKA to a reference (see module doc)."""
+def gather_windows(snapshots: torch.Tensor, end: torch.Tensor, row: torch.Tensor, window: int,
+                   tailor_size: int | None = None) -> torch.Tensor:
+    """Windows ``(B, window, k)`` (float32, oldest first) from one run's ``snapshots`` ``(S, U, T)``: sample
+    ``i`` is ``snapshots[end[i] - window : end[i], row[i], :k]``, ``k = tailor_size`` (default ``T``)."""
+    k = snapshots.shape[-1] if tailor_size is None else int(tailor_size)
+    if k > snapshots.shape[-1]:
+        raise ValueError(f"tailor_size {k} exceeds the collected tailor size {snapshots.shape[-1]}")
+    t = (end.unsqueeze(1) - window + torch.arange(window)).reshape(-1)  # (B * W,)
+    r = row.repeat_interleave(window)
+    return snapshots[t, r, :k].view(len(end), window, k)
+
+
+class Recorder(FreezePolicy):
+    """Never freezes; records tailored fp32 snapshots and, at each check, every unit's Gram on a fixed
+    probe (see the module docstring). ``probe_fn(unit_ids) -> {unit: activations}`` is set by
+    :func:`collect` after the trainer is built (the trainer's outputs on the fixed probe inputs)."""
 
     name = "smartfrz_recorder"
-    needs = frozenset({Signal.WEIGHTS, Signal.ACTIVATIONS})
+    needs = frozenset({Signal.WEIGHTS})
     granularity = "layer"
 
-    def __init__(self, reference_path: str, *, tailor_size: int, record_every: int | None, checks_per_epoch: int,
-                 seed: int):
+    def __init__(self, *, tailor_size: int, record_every: int | None, checks_per_epoch: int, seed: int):
         super().__init__(PolicyConfig(name=self.name))
-        self.reference_path = reference_path
         self.tailor_size, self._record_every = int(tailor_size), record_every
         self.checks_per_epoch, self.seed = int(checks_per_epoch), int(seed)
+        self.probe_fn: Callable[[list[int]], dict[int, torch.Tensor]] | None = None
 
     def setup(self, units, plan: Plan) -> None:
         super().setup(units, plan)
-        self.record_every = int(self._record_every or max(1, plan.steps_per_epoch // 30))
-        self.check_steps = sorted(plan.check_steps(self.checks_per_epoch))
+        self.record_every = int(self._record_every or default_record_every(plan.steps_per_epoch))
+        self.check_steps = check_steps(plan.steps_per_epoch, plan.epochs, self.checks_per_epoch)
         self._checks = frozenset(self.check_steps)
         self.rows = list(self.freezable)  # row r = unit self.rows[r]
         self._params = [list(units[u].parameters) for u in self.rows]
         self.tailor = Tailor(self._params, tailor_size=self.tailor_size, seed=self.seed, device=plan.device)
-        self.reference, self.reference_units = build_reference(self.reference_path, units, plan.device)
-        self._ref_grams: dict[int, torch.Tensor] | None = None
         self.snapshots: list[torch.Tensor] = []  # (U, T) float32 CPU per record
         self.snapshot_steps: list[int] = []
-        self.cka: list[list[float]] = [[] for _ in self.rows]  # per row, per check
-        self._check_due = False
+        self.grams: list[torch.Tensor] = []  # (U, n, n) float64 CPU per check
 
     def observe_at(self, step: int) -> bool:
-        self._check_due = step in self._checks
-        return step > 0 and (step % self.record_every == 0 or self._check_due)
-
-    def probe_units(self) -> list[int]:
-        return list(self.rows) if self._check_due else []
+        return step > 0 and (step % self.record_every == 0 or step in self._checks)
 
     def decide_at(self, step: int) -> bool:
         return False
@@ -152,93 +156,41 @@ class _Recorder(FreezePolicy):
             self.snapshots.append(snaps.float().cpu())
             self.snapshot_steps.append(step)
         if step in self._checks:
-            assert signals.activations is not None and signals.probe_inputs is not None
-            if self._ref_grams is None:
-                from freezebench.units import capture_outputs
-
-                outs = capture_outputs(self.reference, self.reference_units, self.rows, signals.probe_inputs)
-                self._ref_grams = {i: gram_linear(y) for i, y in outs.items()}
-                self.reference = self.reference_units = None  # released: the Grams are all that is needed
-            for r, u in enumerate(self.rows):
-                self.cka[r].append(cka_from_grams(gram_linear(signals.activations[u]), self._ref_grams[u]))
+            if self.probe_fn is None:
+                raise RuntimeError("Recorder.probe_fn is not set: build the recorder with collect()")
+            acts = self.probe_fn(self.rows)
+            self.grams.append(torch.stack([gram_linear(acts[u]).cpu() for u in self.rows]))
 
 
-def _config(overrides: Sequence[str]):
+def _config(overrides: Sequence[str], seed: int):
     from freezebench.config import load_config
 
-    base = [*overrides, "policy=full", "tracking.enabled=false", "trainer.progress=false",
-            "trainer.save_checkpoint=false"]
+    base = [*overrides, f"trainer.seed={int(seed)}", "policy=full", "tracking.enabled=false",
+            "trainer.progress=false", "trainer.save_checkpoint=false", "trainer.checkpoint_every=0"]
     cfg = load_config(base)
-    if cfg.model.granularity == "auto":  # the recorder works on layers: both runs use the same partition
+    if cfg.model.granularity == "auto":  # the recorder works on layers, as the smartfrz policy
         base.append("model.granularity=layer")
         cfg = load_config(base)
     return cfg
 
 
-def collect(
-    overrides: list[str],
-    *,
-    out: str | os.PathLike,
-    window: int = 30,  # snapshots per sample (the predictor's window; paper default 30)
-    tailor_size: int = 1024,  # weights per snapshot (paper default 1024)
-    record_every: int | None = None,  # steps between snapshots; None: max(1, steps_per_epoch // 30)
-    checks_per_epoch: int = 1,  # CKA checks (label times) per epoch
-    oracle_window: int = 3,  # CKA-oracle rule: checks whose variance must be small
-    var_threshold: float = 1e-4,  # CKA-oracle rule: variance threshold
-    cutoff: float = 0.3,  # CKA-oracle rule: current CKA must exceed this
-    seed: int = 0,  # tailoring seed (which weights are sampled)
-    run_id: str | None = None,  # id of this run in the dataset; default "<model>-<dataset>-s<seed>"
-    keep_snapshots: bool = False,  # also store every recorded snapshot (tests, inspection)
-) -> Path:
-    """Train a reference, retrain with recording, label with the CKA oracle, save the samples to ``out``."""
+def _record(overrides: Sequence[str], seed: int, probe_seed: int, *, tailor_size: int, record_every: int | None,
+            checks_per_epoch: int, tailor_seed: int) -> dict[str, Any]:
+    """Train one recorded run; returns its (unlabelled) run record with ``grams`` (C, U, n, n)."""
     from omegaconf import OmegaConf
 
     from freezebench.trainer import Trainer
 
-    if window < 1 or tailor_size < 1 or checks_per_epoch < 1 or oracle_window < 1:
-        raise ValueError("window, tailor_size, checks_per_epoch and oracle_window must be >= 1")
-    if record_every is not None and record_every < 1:
-        raise ValueError(f"record_every must be >= 1 or None, got {record_every}")
-    cfg = _config(overrides)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-
-    from freezebench import progress
-
-    bar = progress.Progress(2, 0, "collect", unit="run")  # on a terminal: runs done of 2, ETA
-    bar.describe("reference run (policy full)")
-    # 1. the reference
-    ref_trainer = Trainer(cfg)
-    ref_init = {k: v.detach().cpu().clone() for k, v in ref_trainer.model.state_dict().items()}
-    ref_trainer.fit()
-    bar.advance()
-    bar.describe("recording run (snapshots + CKA)")
-    with tempfile.TemporaryDirectory(prefix="smartfrz-collect-") as tmp:
-        ref_path = ref_trainer.save_checkpoint(Path(tmp) / "reference.pt")
-        unit_names = [u.name for u in ref_trainer.units]
-        del ref_trainer
-
-        # 2. the recording run, from the same initial weights
-        rec = _Recorder(str(ref_path), tailor_size=tailor_size, record_every=record_every,
-                        checks_per_epoch=checks_per_epoch, seed=seed)
-        trainer = Trainer(cfg, policy=rec)
-        init = {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()}
-        if init.keys() != ref_init.keys() or any(not torch.equal(init[k], ref_init[k]) for k in init):
-            raise RuntimeError("the recording run does not start from the reference run's initial weights; "
-                               "set trainer.deterministic=true and do not pass model.pretrained/checkpoint that vary")
-        init_hash, ref_init_hash = state_hash(init), state_hash(ref_init)
-        result = trainer.fit()
-    bar.advance()
-    bar.close()
-
-    # 3-4. labels and samples
-    labels = [oracle_labels(h, oracle_window, var_threshold, cutoff) for h in rec.cka]
-    snaps = torch.stack(rec.snapshots) if rec.snapshots else torch.empty(0, len(rec.rows), tailor_size)
-    samples = build_samples(snaps, rec.snapshot_steps, rec.check_steps, labels, window)
-    samples["unit"] = torch.tensor([rec.rows[r] for r in samples["unit"].tolist()], dtype=torch.long)
+    cfg = _config(overrides, seed)
+    rec = Recorder(tailor_size=tailor_size, record_every=record_every, checks_per_epoch=checks_per_epoch,
+                   seed=tailor_seed)
+    trainer = Trainer(cfg, policy=rec)
+    probe_x = trainer.data.probe_batch(cfg.trainer.probe_batch_size, seed=probe_seed)[0].to(trainer.device)
+    rec.probe_fn = lambda ids: trainer.unit_activations(ids, x=probe_x)
+    init_hash = state_hash(trainer.model.state_dict())
+    result = trainer.fit()
     c = cfg
-    run = {
-        "id": run_id or f"{c.model.name}-{c.data.name}-s{c.trainer.seed}",
+    return {
         "model": str(c.model.name),
         "dataset": str(c.data.name),
         "seed": int(c.trainer.seed),
@@ -246,63 +198,115 @@ def collect(
         "steps_per_epoch": int(trainer.plan.steps_per_epoch),
         "overrides": [str(o) for o in overrides],
         "config": OmegaConf.to_container(c, resolve=True),
-        "unit_names": unit_names,
+        "unit_names": [trainer.units[u].name for u in rec.rows],
         "units": [int(u) for u in rec.rows],
         "record_every": int(rec.record_every),
+        "checks_per_epoch": int(checks_per_epoch),
         "check_steps": [int(s) for s in rec.check_steps],
-        "cka": [[float(v) for v in h] for h in rec.cka],
-        "labels": labels,
-        "label_rule": {"rule": "cka_oracle", "window": int(oracle_window), "var_threshold": float(var_threshold),
-                       "cutoff": float(cutoff), "checks_per_epoch": int(checks_per_epoch)},
-        "tailor_seed": int(seed),
+        "snapshots": torch.stack(rec.snapshots) if rec.snapshots else torch.empty(0, len(rec.rows), tailor_size),
+        "snapshot_steps": torch.tensor(rec.snapshot_steps, dtype=torch.long),
+        "grams": torch.stack(rec.grams),
+        "tailor_seed": int(tailor_seed),
+        "probe_seed": int(probe_seed),
+        "probe_size": int(probe_x.shape[0]),
         "init_hash": init_hash,
-        "reference_init_hash": ref_init_hash,
         "val_acc": float(result.metrics.get("val/acc", float("nan"))),
     }
-    data: dict[str, Any] = {
-        "format_version": FORMAT_VERSION,
-        "window": int(window),
-        "tailor_size": int(tailor_size),
-        **samples,
-        "run": torch.zeros(len(samples["labels"]), dtype=torch.long),
-        "runs": [run],
-    }
-    if keep_snapshots:
-        data["snapshots"] = snaps
-        data["snapshot_steps"] = torch.tensor(rec.snapshot_steps, dtype=torch.long)
-    atomic_torch_save(data, out)
+
+
+def label_runs(run: dict[str, Any], reference: dict[str, Any], *, window_epochs: float = WINDOW_EPOCHS,
+               var_threshold: float = VAR_THRESHOLD, cutoff: float = CUTOFF) -> None:
+    """Label ``run`` in place against ``reference``'s last check (its final weights): ``cka`` per unit per
+    check and the oracle ``labels`` (:func:`freezebench.analysis.oracle.oracle_labels`)."""
+    if run["unit_names"] != reference["unit_names"]:
+        raise ValueError(f"run {run.get('id')} and its reference have different units")
+    ref_last = reference["grams"][-1]
+    cka = [[oracle_cka(run["grams"][c, r], ref_last[r]) for c in range(run["grams"].shape[0])]
+           for r in range(len(run["units"]))]
+    run["cka"] = cka
+    run["labels"] = [oracle_labels(h, checks_per_epoch=run["checks_per_epoch"], window_epochs=window_epochs,
+                                   var_threshold=var_threshold, cutoff=cutoff) for h in cka]
+    run["reference_seed"] = int(reference["seed"])
+    run["label_rule"] = {"rule": "cka_oracle", "estimator": "debiased linear CKA", "window_epochs": float(window_epochs),
+                         "var_threshold": float(var_threshold), "cutoff": float(cutoff),
+                         "checks_per_epoch": int(run["checks_per_epoch"]),
+                         "reference": "final weights of the same configuration trained with another seed"}
+
+
+def collect(
+    overrides: list[str],
+    *,
+    out: str | os.PathLike,
+    seeds: tuple[int, int] = (0, 1),  # the two runs; each is the other's reference
+    tailor_size: int = COLLECT_TAILOR,  # weights per snapshot; smaller tailor sizes are its prefixes
+    record_every: int | None = None,  # steps between snapshots; None: the policy's default
+    checks_per_epoch: int = 2,  # CKA checks (label times) per epoch
+    window_epochs: float = WINDOW_EPOCHS,  # the oracle rule (freezebench.analysis.oracle)
+    var_threshold: float = VAR_THRESHOLD,
+    cutoff: float = CUTOFF,
+    tailor_seed: int = 0,  # the tailoring seed (the policy's policy.seed)
+    run_id: str | None = None,  # id prefix; default "<model>-<dataset>"; runs get "-s<seed>"
+    keep_grams: bool = False,  # also store the probe Grams (C, U, n, n) (relabelling, inspection)
+) -> Path:
+    """Record two runs of ``overrides`` (seeds ``seeds``), label each against the other, save both to ``out``."""
+    if tailor_size < 1 or checks_per_epoch < 1:
+        raise ValueError("tailor_size and checks_per_epoch must be >= 1")
+    if record_every is not None and record_every < 1:
+        raise ValueError(f"record_every must be >= 1 or None, got {record_every}")
+    a, b = (int(s) for s in seeds)
+    if a == b:
+        raise ValueError(f"the two seeds must differ (each run is the other's reference), got {seeds}")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    kw = dict(tailor_size=tailor_size, record_every=record_every, checks_per_epoch=checks_per_epoch,
+              tailor_seed=tailor_seed)
+    from freezebench.progress import track
+
+    runs = [_record(overrides, s, probe_seed=a, **kw)  # on a terminal: runs done of 2, ETA
+            for s in track((a, b), "collect (two seeds, each the other's reference)", unit="run")]
+    if runs[0]["unit_names"] != runs[1]["unit_names"]:
+        raise RuntimeError("the two seeds partition the model differently")
+    prefix = run_id or f"{runs[0]['model']}-{runs[0]['dataset']}"
+    for run, ref in ((runs[0], runs[1]), (runs[1], runs[0])):
+        label_runs(run, ref, window_epochs=window_epochs, var_threshold=var_threshold, cutoff=cutoff)
+    for run in runs:
+        run["id"] = f"{prefix}-s{run['seed']}"
+        if keep_grams:
+            run["grams"] = run["grams"].float()
+        else:
+            del run["grams"]
+    atomic_torch_save({"format_version": FORMAT_VERSION, "tailor_size": int(tailor_size), "runs": runs}, out)
     return out
 
 
 def load_dataset(path: str | os.PathLike) -> dict[str, Any]:
     """Read one dataset file (``weights_only``) and check its keys and version."""
     data = torch.load(path, map_location="cpu", weights_only=True)
-    missing = [k for k in ("format_version", "window", "tailor_size", "runs", *_ARRAYS) if k not in data]
-    if missing:
-        raise ValueError(f"{path}: not a SmartFRZ predictor dataset (missing {', '.join(missing)})")
+    if not isinstance(data, dict) or "format_version" not in data:
+        raise ValueError(f"{path}: not a SmartFRZ predictor dataset")
     if data["format_version"] != FORMAT_VERSION:
-        raise ValueError(f"{path}: dataset format {data['format_version']}, expected {FORMAT_VERSION}")
+        raise ValueError(f"{path}: dataset format {data['format_version']}, expected {FORMAT_VERSION} "
+                         f"(collect it again with `freezebench predictor collect`)")
+    for r in data.get("runs", []):
+        missing = [k for k in _RUN_KEYS if k not in r]
+        if missing:
+            raise ValueError(f"{path}: run {r.get('id')} lacks {', '.join(missing)}")
     return data
 
 
 def merge_datasets(paths: Sequence[str | os.PathLike | dict[str, Any]]) -> dict[str, Any]:
-    """Concatenate datasets (paths or loaded dicts): same window and tailor size; run ids must be distinct."""
+    """Concatenate datasets (paths or loaded dicts): the same tailor size; run ids must be distinct."""
     parts = [p if isinstance(p, dict) else load_dataset(p) for p in paths]
     if not parts:
         raise ValueError("no datasets to merge")
-    W, T = parts[0]["window"], parts[0]["tailor_size"]
+    T = parts[0]["tailor_size"]
     runs: list[dict[str, Any]] = []
-    arrays: dict[str, list[torch.Tensor]] = {k: [] for k in _ARRAYS}
     for p in parts:
-        if (p["window"], p["tailor_size"]) != (W, T):
-            raise ValueError(f"cannot merge window/tailor_size {p['window']}/{p['tailor_size']} with {W}/{T}")
-        for k in _ARRAYS:
-            arrays[k].append(p[k] + len(runs) if k == "run" else p[k])
-        runs.extend(dict(r) for r in p["runs"])
+        if p["tailor_size"] != T:
+            raise ValueError(f"cannot merge tailor size {p['tailor_size']} with {T}")
+        runs.extend(p["runs"])
     ids = [r["id"] for r in runs]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
         raise ValueError(f"run ids appear in more than one dataset: {dup}; give each collect() a distinct run_id")
-    merged = {"format_version": FORMAT_VERSION, "window": W, "tailor_size": T, "runs": runs}
-    merged.update({k: torch.cat(v) for k, v in arrays.items()})
-    return merged
+    return {"format_version": FORMAT_VERSION, "tailor_size": T, "runs": runs}

@@ -16,9 +16,12 @@ ReLU between layers and none after the last layer (logits/keys stay signed). One
 Parameters at tailor 1024: 3 x 344,640 + 3,202 = 1,037,122 (4,148,488 bytes in fp32: the paper's "about
 4 MB").
 
-Input normalisation is not specified by the paper: :func:`normalize` offers ``standardize`` (default),
-``delta`` and ``none``; the predictor applies its ``norm`` mode inside ``forward``, so a trained predictor
-carries its mode. The final choice is to be made by validation on held-out runs (ALGORITHMS.md).
+Input normalisation is not specified by the paper: :func:`normalize` offers ``first_delta``,
+``diff``, ``standardize``, ``delta`` and ``none``; the predictor applies its ``norm`` mode inside
+``forward``, so a trained predictor carries its mode. The shipped family's mode was chosen by validation
+on held-out runs (``predictors/train.py``; figures in the policy's method card). ``delta`` (differences to
+the latest snapshot) is kept only to read old files: it makes the latest row all zeros, so the query
+``MLP_q(0)`` is a constant and the attention no longer depends on the current weights (section 3.2).
 
 FLOPs (:func:`predictor_flops`): matmul FLOPs only (2 per multiply-add; biases, ReLU, softmax and the
 normalisation excluded), the convention of ``torch.utils.flop_counter``. At window 30, tailor 1024:
@@ -32,20 +35,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["NORM_MODES", "normalize", "mlp", "SmartFRZPredictor", "predictor_params", "predictor_flops"]
+__all__ = ["NORM_MODES", "QUERY_MODES", "normalize", "mlp", "SmartFRZPredictor", "predictor_params", "predictor_flops"]
 
-NORM_MODES = ("standardize", "delta", "none")
+NORM_MODES = ("first_delta", "diff", "standardize", "delta", "none")
+#: the modes whose query depends on the current snapshot (``delta`` does not; see the module docstring)
+QUERY_MODES = ("first_delta", "diff", "standardize", "none")
 
 
 def normalize(windows: torch.Tensor, mode: str = "standardize", eps: float = 1e-8) -> torch.Tensor:
-    """Normalise windows ``(..., W, T)`` (oldest first) per window.
+    """Normalise windows ``(..., W, T)`` (oldest first) per window; ``s`` is the (population) std of the
+    whole window's raw values (all W x T), so every mode but ``none`` is invariant to ``x -> a x + b``
+    for ``a > 0`` and keeps a unit's movement *relative to the spread of its weights*.
 
-    * ``standardize``: ``(x - m) / max(s, eps)`` with ``m``, ``s`` the mean and (population) std of the
-      whole window (all W x T values); invariant to ``x -> a x + b`` for ``a > 0``; a constant window maps
-      to zeros.
-    * ``delta``: ``(x_j - x_t) / max(s, eps)``: each snapshot's difference to the latest one, scaled by the
-      window's std (invariant to the same affine maps). Note that the latest row is then all zeros, so the
-      query ``Q_t = MLP_q(0)`` is a constant and attention is driven by the keys alone.
+    * ``first_delta``: ``(x_j - x_1) / max(s, eps)``: each snapshot's displacement since the window's
+      first one; the latest row is the displacement over the whole window (the query sees how far the
+      unit moved).
+    * ``diff``: ``(x_j - x_{j-1}) / max(s, eps)``, the first row zero: consecutive steps; the latest row
+      is the latest step (the query sees the current velocity).
+    * ``standardize``: ``(x - m) / max(s, eps)``, ``m`` the window's mean; a constant window maps to zeros.
+    * ``delta``: ``(x_j - x_t) / max(s, eps)`` (old files only: the latest row is all zeros).
     * ``none``: the raw weights.
     """
     if mode == "none":
@@ -56,6 +64,11 @@ def normalize(windows: torch.Tensor, mode: str = "standardize", eps: float = 1e-
     scale = std.clamp_min(eps)
     if mode == "standardize":
         return (windows - mean) / scale
+    if mode == "first_delta":
+        return (windows - windows[..., :1, :]) / scale
+    if mode == "diff":
+        d = torch.diff(windows, dim=-2, prepend=windows[..., :1, :])
+        return d / scale
     return (windows - windows[..., -1:, :]) / scale
 
 
@@ -78,7 +91,7 @@ class SmartFRZPredictor(nn.Module):
         hidden: int = 256,  # hidden width of MLP_k/q/v (Appendix C)
         key_dim: int = 64,  # output of MLP_k/q/v: key/query/value size (Appendix C)
         z_hidden: int = 32,  # hidden width of MLP_z (Appendix C)
-        norm: str = "standardize",  # input normalisation, one of NORM_MODES (ours; to be chosen by validation)
+        norm: str = "first_delta",  # input normalisation, one of NORM_MODES (ours; chosen by validation)
         scale: float = 1.0,  # attention score multiplier; 1.0 = the paper's eq. 2 (no 1/sqrt(d))
     ):
         super().__init__()

@@ -1,35 +1,42 @@
-"""Training SmartFRZ's predictor on datasets written by :func:`.collect.collect`.
+"""Training and evaluating SmartFRZ's predictor on collections written by :func:`.collect.collect`.
 
-    metrics = train_predictor(["data/r20_s0.pt", "data/r20_s1.pt"], out="predictor.pt", val_runs=["resnet20-digits-s1"])
+    metrics = train_predictor(train=["data/a.pt"], val=["data/b.pt"], out="p.pt", window=30, tailor_size=1024)
+    figures = evaluate_predictor("p.pt", ["data/test.pt"])
 
-* **Split by run**, never by sample: validation = the runs named in ``val_runs`` (default: the last run of
-  the merged datasets), training = all the others. Samples of one run are strongly correlated (overlapping
-  windows of the same weights), so a per-sample split would overstate validation scores.
-* **Loss:** cross-entropy with class weights ``N / (2 N_c)`` from the *training* label frequencies (a class
-  absent from training gets weight 0). **Optimiser:** Adam, ``lr``; minibatches of ``batch_size``
-  windows, reshuffled every epoch (seeded).
-* **Model selection:** after every epoch the predictor is scored on the validation runs; the epoch with the
-  lowest (class-weighted) validation loss is kept and saved with :func:`.weights.save_predictor`.
-* **Metrics** (on validation, of the kept model): ``accuracy``; ``precision``, ``recall`` and ``f1`` of the
-  freeze class (0 when undefined); ``auc``: ROC AUC of p(freeze) (Mann-Whitney with tied ranks averaged;
-  NaN when validation holds one class only); ``loss``, ``best_epoch``, sample counts, the freeze fraction.
+* **Samples** are cut from the collected fp32 snapshots (:func:`.collect.build_samples`): for window ``W``
+  and tailor size ``k``, the last ``W`` snapshots at or before each check, their first ``k`` columns (the
+  nested size-``k`` tailoring): exactly the windows the policy feeds its predictor.
+* **Three-way split by run**, never by sample (the samples of one run are overlapping windows of the same
+  weights): ``train`` fits the weights; ``val`` selects the epoch (highest ROC AUC, then lowest loss), the
+  decision threshold (maximum balanced accuracy) and, in :func:`train_family`, the normalisation; ``test``
+  runs are only ever passed to :func:`evaluate_predictor`.
+* **Loss:** cross-entropy with class weights ``N / (2 N_c)`` from the *training* label frequencies.
+  **Optimiser:** Adam. Each epoch draws ``samples_per_epoch`` training samples (seeded, without
+  replacement; all when fewer), a CPU budget: the windows of consecutive checks overlap, so a subsample
+  loses little.
+* **Metrics**: ``accuracy``; ``precision``, ``recall`` and ``f1`` of the freeze class (0 when undefined);
+  ``auc``: ROC AUC of p(freeze) (Mann-Whitney, tied ranks averaged; NaN with one class). **Timing**
+  (:func:`freeze_timing`): per run and unit, the first check at which the predictor says "freeze" (the
+  policy would freeze it then) against the first check the oracle labels 1, in epochs.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import statistics
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .collect import merge_datasets
-from .model import SmartFRZPredictor
-from .weights import save_predictor
+from .collect import build_samples, gather_windows, merge_datasets
+from .model import NORM_MODES, SmartFRZPredictor
+from .weights import family_file, save_predictor
 
-__all__ = ["train_predictor", "roc_auc", "binary_metrics"]
+__all__ = ["Samples", "train_predictor", "evaluate_predictor", "train_family", "roc_auc", "binary_metrics",
+           "balanced_threshold", "freeze_timing", "predict"]
 
 
 def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
@@ -60,15 +67,13 @@ def balanced_threshold(p_freeze: torch.Tensor, labels: torch.Tensor) -> float:
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     if n_pos == 0 or n_neg == 0:
         return 0.5
-    cands = torch.unique(p_freeze.float())
     best_t, best_score = 0.5, -1.0
-    for t in cands.tolist():
+    for t in torch.unique(p_freeze.float()).tolist():
         pred = p_freeze >= t
         score = 0.5 * (int((pred & y).sum()) / n_pos + int((~pred & ~y).sum()) / n_neg)
         if score > best_score:
             best_t, best_score = t, score
-    # predict "freeze" when p > threshold: step just below the chosen score
-    return float(max(0.0, best_t - 1e-7))
+    return float(max(0.0, best_t - 1e-7))  # predict "freeze" when p > threshold: just below the chosen score
 
 
 def binary_metrics(p_freeze: torch.Tensor, labels: torch.Tensor, threshold: float = 0.5) -> dict[str, float]:
@@ -85,121 +90,231 @@ def binary_metrics(p_freeze: torch.Tensor, labels: torch.Tensor, threshold: floa
             "recall": recall, "f1": f1, "auc": roc_auc(p_freeze, labels)}
 
 
-def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module, batch_size: int,
-              device: torch.device) -> tuple[float, torch.Tensor]:
+class Samples:
+    """The samples of some collected runs at one window and tailor size (snapshots kept per run, fp32,
+    cut to the first ``tailor_size`` columns; windows gathered per batch)."""
+
+    def __init__(self, data: dict[str, Any], window: int, tailor_size: int):
+        if tailor_size > int(data["tailor_size"]):
+            raise ValueError(f"tailor_size {tailor_size} exceeds the collected {data['tailor_size']}")
+        self.window, self.tailor_size = int(window), int(tailor_size)
+        self.snapshots = [r["snapshots"][..., :tailor_size].contiguous() for r in data["runs"]]
+        # metadata only: the full-width snapshots are not kept (memory)
+        self.runs = [{k: v for k, v in r.items() if k != "snapshots"} for r in data["runs"]]
+        parts = [build_samples(r, window) for r in data["runs"]]
+        self.run = torch.cat([torch.full((len(p["end"]),), i, dtype=torch.long) for i, p in enumerate(parts)]) \
+            if parts else torch.zeros(0, dtype=torch.long)
+        for key in ("end", "row", "unit", "step", "check", "labels"):
+            setattr(self, key, torch.cat([p[key] for p in parts]) if parts else torch.zeros(0, dtype=torch.long))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def windows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Windows ``(len(idx), window, tailor_size)`` of samples ``idx`` (in that order)."""
+        out = torch.empty(len(idx), self.window, self.tailor_size)
+        for r in torch.unique(self.run[idx]).tolist():
+            sel = (self.run[idx] == r).nonzero().squeeze(1)
+            j = idx[sel]
+            out[sel] = gather_windows(self.snapshots[r], self.end[j], self.row[j], self.window)
+        return out
+
+
+def _load(datasets: Sequence[str | os.PathLike | dict[str, Any]], window: int, tailor_size: int) -> Samples:
+    return Samples(merge_datasets(list(datasets)), window, tailor_size)
+
+
+def predict(model: nn.Module, samples: Samples, batch_size: int = 256, device: str = "cpu") -> torch.Tensor:
+    """p(freeze) of every sample, in sample order."""
     model.eval()
-    logits = []
+    out = []
     with torch.no_grad():
-        for i in range(0, len(x), batch_size):
-            logits.append(model(x[i : i + batch_size].to(device).float()).cpu())
-    model.train()
-    logits_t = torch.cat(logits)
-    return float(loss_fn(logits_t, y)), torch.softmax(logits_t, dim=-1)[:, 1]
+        for i in range(0, len(samples), batch_size):
+            idx = torch.arange(i, min(i + batch_size, len(samples)))
+            out.append(torch.softmax(model(samples.windows(idx).to(device)), dim=-1)[:, 1].cpu())
+    return torch.cat(out) if out else torch.zeros(0)
 
 
 def train_predictor(
-    datasets: Sequence[str | os.PathLike],
     *,
-    out: str | os.PathLike,
-    val_runs: list[str] | None = None,  # run ids held out for validation; None: the last run
-    epochs: int = 20,
+    train: Sequence[str | os.PathLike | dict[str, Any]],
+    val: Sequence[str | os.PathLike | dict[str, Any]],
+    out: str | os.PathLike | None,
+    window: int = 30,
+    tailor_size: int = 1024,
+    norm: str = "first_delta",
+    epochs: int = 6,
+    samples_per_epoch: int | None = 768,  # training samples drawn per epoch (None: all)
     lr: float = 1e-3,
-    batch_size: int = 256,
-    norm: str = "standardize",  # input normalisation of the predictor (model.NORM_MODES)
+    batch_size: int = 64,
     seed: int = 0,
     device: str = "cpu",
-    return_model: bool = False,  # also return the trained (kept) model: (metrics, model)
+    half: bool = True,  # store the weights in float16
+    return_model: bool = False,
+    log=None,
 ) -> dict[str, Any] | tuple[dict[str, Any], SmartFRZPredictor]:
-    """Train a predictor on ``datasets``, save the best epoch's model to ``out``, return validation metrics."""
-    data = merge_datasets(list(datasets))
-    ids = [r["id"] for r in data["runs"]]
-    val_ids = list(val_runs) if val_runs else [ids[-1]]
-    unknown = [v for v in val_ids if v not in ids]
-    if unknown:
-        raise ValueError(f"val_runs {unknown} are not runs of these datasets (runs: {ids})")
-    train_ids = [i for i in ids if i not in val_ids]
-    if not train_ids:
-        raise ValueError(f"every run ({ids}) is a validation run: nothing left to train on")
-    run_idx = data["run"]
-    val_mask = torch.isin(run_idx, torch.tensor([ids.index(v) for v in val_ids]))
-    x_tr, y_tr = data["windows"][~val_mask], data["labels"][~val_mask]
-    x_va, y_va = data["windows"][val_mask], data["labels"][val_mask]
-    if len(x_tr) == 0 or len(x_va) == 0:
-        raise ValueError(f"empty split: {len(x_tr)} training and {len(x_va)} validation samples")
-
-    counts = torch.bincount(y_tr, minlength=2).double()
+    """Train on ``train``, select epoch and threshold on ``val``, save to ``out``; return validation figures."""
+    if norm not in NORM_MODES:
+        raise ValueError(f"unknown normalisation {norm!r}; choose one of {', '.join(NORM_MODES)}")
+    if epochs < 1:
+        raise ValueError("epochs must be >= 1")
+    tr, va = _load(train, window, tailor_size), _load(val, window, tailor_size)
+    tr_ids, va_ids = [r["id"] for r in tr.runs], [r["id"] for r in va.runs]
+    if set(tr_ids) & set(va_ids):
+        raise ValueError(f"runs in both train and val: {sorted(set(tr_ids) & set(va_ids))}")
+    if len(tr) == 0 or len(va) == 0:
+        raise ValueError(f"empty split at window {window}: {len(tr)} training and {len(va)} validation samples")
+    counts = torch.bincount(tr.labels, minlength=2).double()
     weight = torch.where(counts > 0, counts.sum() / (2 * counts.clamp_min(1)), torch.zeros(2, dtype=torch.double))
     dev = torch.device(device)
-    loss_fn = nn.CrossEntropyLoss(weight=weight.float())
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    model = SmartFRZPredictor(tailor_size=int(data["tailor_size"]), norm=norm).to(dev)
+    model = SmartFRZPredictor(tailor_size=tailor_size, norm=norm).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     train_loss_fn = nn.CrossEntropyLoss(weight=weight.float().to(dev))
-
-    best: tuple[float, int, dict[str, torch.Tensor], torch.Tensor] | None = None
+    best = None
     from freezebench.progress import track
 
     for epoch in track(range(1, epochs + 1), "training the predictor", unit="epoch"):  # a terminal: ETA
-        perm = torch.randperm(len(x_tr), generator=gen)
+        model.train()
+        perm = torch.randperm(len(tr), generator=gen)
+        if samples_per_epoch:
+            perm = perm[:samples_per_epoch]
         for i in range(0, len(perm), batch_size):
             b = perm[i : i + batch_size]
-            loss = train_loss_fn(model(x_tr[b].to(dev).float()), y_tr[b].to(dev))
+            loss = train_loss_fn(model(tr.windows(b).to(dev)), tr.labels[b].to(dev))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        val_loss, p = _evaluate(model, x_va, y_va, loss_fn, batch_size, dev)
-        # select by validation ROC AUC (ranking quality), ties and single-class validation by loss
-        auc = roc_auc(p, y_va)
+        p = predict(model, va, device=device)
+        logp = torch.log(torch.stack([1 - p, p], 1).clamp_min(1e-12))
+        val_loss = float(nn.functional.nll_loss(logp, va.labels, weight=weight.float()))
+        auc = roc_auc(p, va.labels)
+        if log:
+            log(f"  w{window} t{tailor_size} {norm} epoch {epoch}: val auc {auc:.4f} loss {val_loss:.4f}")
         key = (-auc if not math.isnan(auc) else 0.0, val_loss)
         if best is None or key < best[0]:
             best = (key, epoch, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, p, val_loss)
-    if best is None:
-        raise ValueError("epochs must be >= 1")
     _key, best_epoch, state, p, val_loss = best
     model.load_state_dict(state)
     model = model.cpu().eval()
+    threshold = balanced_threshold(p, va.labels)
+    metrics: dict[str, Any] = binary_metrics(p, va.labels, threshold)
+    metrics.update({"threshold": threshold, "loss": val_loss, "best_epoch": best_epoch, "epochs": epochs,
+                    "n_train": len(tr), "n_val": len(va), "train_freeze_frac": float(tr.labels.float().mean()),
+                    "val_freeze_frac": float(va.labels.float().mean())})
+    if out is not None:
+        def runs_of(s: Samples) -> list[dict[str, Any]]:
+            return [{k: r.get(k) for k in ("id", "model", "dataset", "seed", "reference_seed", "epochs", "overrides",
+                                           "record_every", "label_rule")} for r in s.runs]
 
-    threshold = balanced_threshold(p, y_va)
-    metrics: dict[str, Any] = binary_metrics(p, y_va, threshold)
-    metrics["threshold"] = threshold
-    metrics.update({"loss": val_loss, "best_epoch": best_epoch, "epochs": epochs, "n_train": len(y_tr),
-                    "n_val": len(y_va), "train_freeze_frac": float(y_tr.float().mean()),
-                    "val_freeze_frac": float(y_va.float().mean())})
-    runs = {r["id"]: r for r in data["runs"]}
-    provenance = {
-        "datasets": [str(d) for d in datasets],
-        "train_runs": train_ids,
-        "val_runs": val_ids,
-        "runs": [{k: runs[i].get(k) for k in ("id", "model", "dataset", "seed", "epochs", "overrides", "label_rule")}
-                 for i in ids],
-        "metrics": dict(metrics),
-        "training": {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed, "optimizer": "adam",
-                     "loss": "class-weighted cross-entropy", "class_weights": [float(w) for w in weight],
-                     "selection": "highest validation ROC AUC (then lowest loss); decision threshold "
-                                  "maximising balanced accuracy on the validation runs"},
-    }
-    save_predictor(out, model, metadata={"window": int(data["window"]), "threshold": threshold,
-                                         "provenance": provenance})
+        provenance = {
+            "train_runs": tr_ids, "val_runs": va_ids, "runs": runs_of(tr) + runs_of(va),
+            "metrics": dict(metrics),
+            "training": {"epochs": epochs, "samples_per_epoch": samples_per_epoch, "lr": lr, "batch_size": batch_size,
+                         "seed": seed, "optimizer": "adam", "loss": "class-weighted cross-entropy",
+                         "class_weights": [float(w) for w in weight],
+                         "selection": "highest validation ROC AUC (then lowest loss); decision threshold maximising "
+                                      "balanced accuracy on the validation runs"},
+        }
+        save_predictor(out, model, half=half, metadata={"window": int(window), "threshold": threshold,
+                                                        "provenance": provenance})
     return (metrics, model) if return_model else metrics
 
 
-def evaluate_predictor(weights: str | os.PathLike, datasets: Sequence[str | os.PathLike], *,
-                       batch_size: int = 256, device: str = "cpu") -> dict[str, float]:
-    """Agreement of a trained predictor with the CKA-oracle labels of ``datasets`` (e.g. held-out runs of
-    an architecture the predictor never saw): accuracy, precision/recall/F1 of the freeze class, ROC AUC."""
+def freeze_timing(samples: Samples, p_freeze: torch.Tensor, threshold: float) -> list[dict[str, Any]]:
+    """Per run and unit: the first check at which the predictor says "freeze" against the first the oracle
+    labels 1 (among the checks with a full window), and the difference in epochs (positive: the predictor
+    freezes later). ``None`` where one side never freezes."""
+    out = []
+    for i, run in enumerate(samples.runs):
+        spe = run["steps_per_epoch"]
+        for r in range(len(run["units"])):
+            m = ((samples.run == i) & (samples.row == r)).nonzero().squeeze(1)
+            if not len(m):
+                continue
+            order = m[torch.argsort(samples.step[m])]
+            steps = samples.step[order].tolist()
+            pred = (p_freeze[order] > threshold).tolist()
+            lab = samples.labels[order].tolist()
+            ps = next((s for s, v in zip(steps, pred) if v), None)
+            os_ = next((s for s, v in zip(steps, lab) if v), None)
+            out.append({"run": run["id"], "unit": int(run["units"][r]), "predictor_epoch": None if ps is None else ps / spe,
+                        "oracle_epoch": None if os_ is None else os_ / spe,
+                        "delta_epochs": None if ps is None or os_ is None else (ps - os_) / spe})
+    return out
+
+
+def _timing_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    d = [r["delta_epochs"] for r in rows if r["delta_epochs"] is not None]
+    return {
+        "units": len(rows),
+        "both_freeze": len(d),
+        "only_predictor_freezes": sum(r["predictor_epoch"] is not None and r["oracle_epoch"] is None for r in rows),
+        "only_oracle_freezes": sum(r["predictor_epoch"] is None and r["oracle_epoch"] is not None for r in rows),
+        "neither_freezes": sum(r["predictor_epoch"] is None and r["oracle_epoch"] is None for r in rows),
+        "median_delta_epochs": statistics.median(d) if d else None,
+        "mean_delta_epochs": statistics.fmean(d) if d else None,
+        "earlier": sum(x < 0 for x in d), "same": sum(x == 0 for x in d), "later": sum(x > 0 for x in d),
+    }
+
+
+def evaluate_predictor(weights: str | os.PathLike, datasets: Sequence[str | os.PathLike | dict[str, Any]], *,
+                       device: str = "cpu", per_run: bool = True) -> dict[str, Any]:
+    """Agreement of a trained predictor with the oracle labels of ``datasets`` at the predictor's own window
+    and tailor size: ``auc``, ``accuracy``, ``precision``, ``recall``, ``f1`` (at its stored threshold),
+    ``n``, ``freeze_frac``, the freeze timing summary and, with ``per_run``, the same per run."""
     from .weights import load_predictor
 
+    model, meta = load_predictor(weights, device=device)
     data = merge_datasets(list(datasets))
-    model, meta = load_predictor(weights, tailor_size=int(data["tailor_size"]), window=int(data["window"]),
-                                  device=device)
-    x, y = data["windows"], data["labels"]
-    probs = []
-    with torch.no_grad():
-        for i in range(0, len(y), batch_size):
-            logits = model(x[i : i + batch_size].to(device=device, dtype=torch.float32))
-            probs.append(torch.softmax(logits, dim=-1)[:, 1].cpu())
-    p = torch.cat(probs) if probs else torch.zeros(0)
-    out = binary_metrics(p, y, float(meta.get("threshold", 0.5)))
-    out.update({"n": float(len(y)), "freeze_frac": float(y.float().mean()) if len(y) else float("nan")})
+    s = Samples(data, int(meta["window"]), int(meta["tailor_size"]))
+    thr = float(meta.get("threshold", 0.5))
+    p = predict(model, s, device=device)
+    out: dict[str, Any] = binary_metrics(p, s.labels, thr)
+    out.update({"n": len(s), "freeze_frac": float(s.labels.float().mean()) if len(s) else float("nan"),
+                "threshold": thr, "window": int(meta["window"]), "tailor_size": int(meta["tailor_size"])})
+    timing = freeze_timing(s, p, thr)
+    out["timing"] = _timing_summary(timing)
+    if per_run:
+        runs = {}
+        for i, run in enumerate(s.runs):
+            m = s.run == i
+            fig = binary_metrics(p[m], s.labels[m], thr)
+            fig.update({"n": int(m.sum()), "freeze_frac": float(s.labels[m].float().mean()) if m.any() else float("nan"),
+                        "model": run["model"], "overrides": run["overrides"], "record_every": run["record_every"]})
+            fig["timing"] = _timing_summary([t for t in timing if t["run"] == run["id"]])
+            runs[run["id"]] = fig
+        out["runs"] = runs
     return out
+
+
+def train_family(train: Sequence[Any], val: Sequence[Any], *, folder: str | os.PathLike | None = None,
+                 norms: Sequence[str] = ("first_delta", "diff", "standardize"), norm: str | None = None,
+                 members: Sequence[tuple[int, int]] | None = None, select_at: tuple[int, int] = (30, 1024),
+                 select_epochs: int = 4, select_samples: int | None = 512, log=print, **kw) -> dict[str, Any]:
+    """Train the shipped family from one collection: the normalisation chosen on ``val`` (highest ROC AUC)
+    at ``select_at`` = (window, tailor) among ``norms`` (unless ``norm`` is given; ``select_epochs`` epochs of
+    ``select_samples`` samples each, a smaller budget than the members'), then every member of :data:`.weights.FAMILY`
+    (or ``members``) with it, written to ``folder`` (default the package's weights folder)."""
+    from .weights import FAMILY
+
+    train_d, val_d = merge_datasets(list(train)), merge_datasets(list(val))
+    report: dict[str, Any] = {"norm_selection": {}}
+    if norm is None:
+        for n in norms:
+            sel = {**kw, "epochs": select_epochs, "samples_per_epoch": select_samples}
+            m = train_predictor(train=[train_d], val=[val_d], out=None, window=select_at[0],
+                                tailor_size=select_at[1], norm=n, log=log, **sel)
+            report["norm_selection"][n] = {k: m[k] for k in ("auc", "f1", "accuracy", "best_epoch")}
+            log(f"norm {n}: val auc {m['auc']:.4f} f1 {m['f1']:.4f}")
+        norm = max(report["norm_selection"], key=lambda k: (report["norm_selection"][k]["auc"], k))
+    report["norm"] = norm
+    report["members"] = {}
+    for w, t in members or FAMILY:
+        path = family_file(w, t, folder)
+        m = train_predictor(train=[train_d], val=[val_d], out=path, window=w, tailor_size=t, norm=norm, log=log, **kw)
+        report["members"][f"w{w}_t{t}"] = {k: m[k] for k in ("auc", "f1", "accuracy", "threshold", "best_epoch",
+                                                             "n_train", "n_val")}
+        log(f"w{w} t{t}: val auc {m['auc']:.4f} f1 {m['f1']:.4f} -> {path}")
+    return report

@@ -31,10 +31,47 @@ from freezebench.errors import ConfigError
 
 from .model import NORM_MODES, SmartFRZPredictor
 
-__all__ = ["DEFAULT_WEIGHTS", "FORMAT_VERSION", "save_predictor", "load_predictor", "read_weights_file"]
+__all__ = ["DEFAULT_WEIGHTS", "FAMILY", "FORMAT_VERSION", "WEIGHTS_DIR", "family_file", "installed_family",
+           "select_weights", "save_predictor", "load_predictor", "read_weights_file"]
 
-#: the predictor shipped with the package (not shipped yet: a later issue trains and adds it)
-DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "smartfrz_default.pt"
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+#: the shipped family, (window, tailor_size): the paper's Table 4 windows at tailor 1024 and its Table 5
+#: tailor sizes at window 30, all trained from one collection (``freezebench predictor build``)
+FAMILY = ((20, 1024), (30, 1024), (40, 1024), (50, 1024), (30, 512), (30, 2048), (30, 4096))
+
+
+def family_file(window: int, tailor_size: int, folder: str | os.PathLike | None = None) -> Path:
+    """The file name of the family member for ``(window, tailor_size)``: ``smartfrz_w<W>_t<T>.pt``."""
+    return Path(folder or WEIGHTS_DIR) / f"smartfrz_w{int(window)}_t{int(tailor_size)}.pt"
+
+
+#: the shipped default predictor: the paper's defaults, window 30 and tailor 1024
+DEFAULT_WEIGHTS = family_file(30, 1024)
+
+
+def installed_family(folder: str | os.PathLike | None = None) -> list[tuple[int, int]]:
+    """The (window, tailor_size) pairs of :data:`FAMILY` whose file is present."""
+    return [wt for wt in FAMILY if family_file(*wt, folder).is_file()]
+
+
+def select_weights(window: int, tailor_size: int, *, any_window: bool = False,
+                   folder: str | os.PathLike | None = None) -> Path:
+    """The shipped predictor for ``policy.window`` and ``policy.tailor_size``: the family member trained at
+    both; with ``any_window`` the member at the same tailor size trained at the nearest window (window 30
+    first). :class:`ConfigError` naming the installed members when none matches."""
+    have = installed_family(folder)
+    if (int(window), int(tailor_size)) in have:
+        return family_file(window, tailor_size, folder)
+    if any_window:
+        same = sorted((abs(w - 30), w) for w, t in have if t == int(tailor_size))
+        if same:
+            return family_file(same[0][1], tailor_size, folder)
+    shown = ", ".join(f"window={w} tailor_size={t}" for w, t in have) or "none"
+    raise ConfigError(
+        f"no shipped SmartFRZ predictor for policy.window={window} and policy.tailor_size={tailor_size} "
+        f"(shipped: {shown}); use one of those, pass your own file with policy.weights=path/to/predictor.pt, "
+        f"or set policy.any_window=true to read this window with a predictor trained at another one"
+    )
 FORMAT_VERSION = 1
 REQUIRED_META = ("format_version", "tailor_size", "window", "norm")
 _PLAIN = (str, int, float, bool, type(None))
@@ -66,8 +103,10 @@ def _sizes(model: SmartFRZPredictor) -> dict[str, int]:
     }
 
 
-def save_predictor(path: str | os.PathLike, model: SmartFRZPredictor, *, metadata: Mapping[str, Any]) -> Path:
-    """Write ``model`` and its metadata to ``path`` atomically; returns the path.
+def save_predictor(path: str | os.PathLike, model: SmartFRZPredictor, *, metadata: Mapping[str, Any],
+                   half: bool = False) -> Path:
+    """Write ``model`` and its metadata to ``path`` atomically; returns the path. ``half``: store the
+    weights in float16 (half the file; :func:`load_predictor` computes in float32 either way).
 
     ``metadata`` must give ``window`` (the model does not know it) and may give ``provenance`` (a dict) and
     any other plain values. ``tailor_size`` and ``norm`` are taken from the model (a conflicting value in
@@ -86,7 +125,10 @@ def save_predictor(path: str | os.PathLike, model: SmartFRZPredictor, *, metadat
     meta["format_version"] = FORMAT_VERSION
     meta["provenance"] = dict(meta.get("provenance") or {})
     _check_plain(meta, "meta")
-    payload = {"state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, "meta": meta}
+    meta["storage_dtype"] = "float16" if half else "float32"
+    dtype = torch.float16 if half else None
+    payload = {"state_dict": {k: v.detach().cpu().to(dtype or v.dtype).clone() for k, v in model.state_dict().items()},
+               "meta": meta}
     return atomic_torch_save(payload, path)
 
 
@@ -161,7 +203,7 @@ def load_predictor(
             norm=str(meta["norm"]),
             scale=float(meta.get("scale", 1.0)),
         )
-        model.load_state_dict(payload["state_dict"])
+        model.load_state_dict({k: v.float() for k, v in payload["state_dict"].items()})
     except Exception as e:
         raise ConfigError(
             f"SmartFRZ predictor weights {str(path)!r} do not match their metadata ({type(e).__name__}: {e}); "

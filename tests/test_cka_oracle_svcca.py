@@ -34,6 +34,7 @@ from freezebench.errors import ConfigError
 from freezebench.policy import Signals
 from freezebench.analysis.similarity import cka_from_grams, gram_linear, linear_cka
 from freezebench.trainer import Trainer
+from helpers import assert_state_equal
 
 FLAT_HIGH = [0.2, 0.5, 0.80, 0.801, 0.799]  # stable and above the cutoff: freeze
 RISING = [0.2, 0.4, 0.6, 0.7, 0.8]  # still climbing: keep training
@@ -206,7 +207,8 @@ def test_oracle_end_to_end_freezes_against_a_trained_reference(reference, tiny_t
 
     # a fresh run (the same start, as the paper's oracle): a huge variance bound freezes every unit as
     # soon as its window of 2 checks fills, at the second check
-    cfg = CKAOracleConfig(reference=str(ref), checks_per_epoch=4, window=2, var_threshold=1.0, cutoff=0.0)
+    cfg = CKAOracleConfig(reference=str(ref), checks_per_epoch=4, window_epochs=0.25, var_threshold=1.0,
+                          cutoff=-1.0)
     tr = tiny_trainer(policy=CKAOracle(cfg))
     res = tr.fit()
     assert [(e.unit, e.step) for e in res.events] == [(0, 2), (1, 2)]
@@ -220,7 +222,7 @@ def test_oracle_end_to_end_freezes_against_a_trained_reference(reference, tiny_t
     clone = CKAOracle(cfg)
     clone.setup(tr.units, tr.plan)
     clone.load_state_dict(state)
-    assert repr(clone.state_dict()) == repr(state)
+    assert_state_equal(clone.state_dict(), state)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -292,7 +294,7 @@ def test_svcca_config_is_validated(field, value, match):
 
 
 @pytest.mark.parametrize("field, value, match", [
-    ("checks_per_epoch", 0, "checks_per_epoch must be >= 1"), ("window", 1, "window must be >= 2"),
+    ("checks_per_epoch", 0, "checks_per_epoch must be >= 1"), ("window_epochs", 0.1, "spans no check interval"),
     ("var_threshold", 0.0, "var_threshold must be > 0"), ("cutoff", 1.0, "cutoff must be in"),
 ])
 def test_cka_oracle_config_is_validated(reference, field, value, match):
@@ -350,7 +352,7 @@ def test_svcca_end_to_end_freezes_and_round_trips(tiny_trainer):
     clone = SVCCAFreezing(tr2.policy.cfg)
     clone.setup(tr2.units, tr2.plan)
     clone.load_state_dict(state)
-    assert repr(clone.state_dict()) == repr(state)
+    assert_state_equal(clone.state_dict(), state)
 
 
 def test_similarity_policies_report_epoch_metrics(tmp_path, monkeypatch):

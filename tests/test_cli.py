@@ -68,30 +68,33 @@ def test_module_entry_point_exit_status(tmp_path):
     assert "unknown policy 'nope'" in p.stderr and "Traceback" not in p.stderr
 
 
-def test_predictor_collect_and_train_commands(tmp_path, capsys, monkeypatch, mlflow_uri):
+def test_predictor_collect_train_evaluate_commands(tmp_path, capsys, monkeypatch, mlflow_uri):
     tiny = ["model.name=tiny", "data.name=synthetic", "data.synthetic_samples=160", "data.batch_size=16",
             "trainer.epochs=3", "trainer.max_steps_per_epoch=4", "trainer.device=cpu"]
-    opts = ["--window", "2", "--tailor-size", "64", "--record-every", "1", "--checks-per-epoch", "2",
-            "--oracle-window", "2", "--var-threshold", "1.0", "--cutoff", "0.0"]
-    for seed in (0, 1):
-        assert main(["predictor", "collect", *tiny, f"trainer.seed={seed}", "--out", f"d{seed}.pt",
-                     "--run-id", f"r{seed}", *opts]) == 0
-    assert main(["predictor", "train", "d0.pt", "d1.pt", "--out", "p.pt", "--epochs", "2"]) == 0
+    opts = ["--tailor-size", "64", "--record-every", "1", "--checks-per-epoch", "2", "--window-epochs", "1",
+            "--var-threshold", "1.0", "--cutoff", "-1.0"]
+    for name, seeds in (("a", "0,1"), ("b", "2,3")):
+        assert main(["predictor", "collect", *tiny, "--seeds", seeds, "--out", f"{name}.pt", "--run-id", name,
+                     *opts]) == 0
+    assert main(["predictor", "train", "a.pt", "--val", "b.pt", "--window", "3", "--tailor-size", "32",
+                 "--out", "p.pt", "--epochs", "2"]) == 0
     out = capsys.readouterr().out
     assert "validation: accuracy" in out and (tmp_path / "p.pt").is_file()
     from freezebench.predictors.weights import load_predictor
 
-    _, meta = load_predictor(tmp_path / "p.pt", window=2, tailor_size=64)
-    assert meta["provenance"]["val_runs"] == ["r1"]
+    _, meta = load_predictor(tmp_path / "p.pt", window=3, tailor_size=32)
+    assert meta["provenance"]["val_runs"] == ["b-s2", "b-s3"]
     import mlflow
 
     client = mlflow.tracking.MlflowClient()
     exp = client.get_experiment_by_name("freezebench-predictor")
     runs = client.search_runs([exp.experiment_id], filter_string="tags.kind = 'predictor-collect'")
-    assert {r.data.tags["mlflow.runName"] for r in runs} >= {"collect-r0", "collect-r1"}
+    assert {r.data.tags["mlflow.runName"] for r in runs} >= {"collect-a", "collect-b"}
     assert [a.path for a in client.list_artifacts(runs[0].info.run_id, "dataset")]
-    assert main(["predictor", "evaluate", "p.pt", "d1.pt"]) == 0
-    assert "agreement with the oracle: accuracy" in capsys.readouterr().out
-    # a missing dataset file is one clear line
-    assert main(["predictor", "train", "missing.pt", "--out", "q.pt"]) == 2
+    assert main(["predictor", "evaluate", "b.pt", "--weights", "p.pt"]) == 0
+    assert "b-s2" in capsys.readouterr().out
+    # bad input is one clear line
+    assert main(["predictor", "train", "missing.pt", "--val", "b.pt", "--out", "q.pt"]) == 2
     assert "missing.pt" in capsys.readouterr().err
+    assert main(["predictor", "collect", *tiny, "--seeds", "1", "--out", "c.pt"]) == 2
+    assert "exactly two seeds" in capsys.readouterr().err

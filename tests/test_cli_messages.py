@@ -67,10 +67,9 @@ def test_predictor_is_a_plugin_command():
     assert eps["predictor"] == "freezebench.predictors.cli:register"
     assert "predictor" not in (ROOT / "freezebench" / "cli.py").read_text().split("def parse_args")[0].split(
         "_parser(")[1].split("_plugin_commands(sub")[0]  # the core parser adds no predictor sub-parser
-    from freezebench.predictors.cli import cmd_predictor
-
-    a = parse_args(["predictor", "evaluate", "w.pt", "d.pt"])
-    assert a.handler is cmd_predictor and a.datasets == ["d.pt"]
+    a = parse_args(["predictor", "evaluate", "d1.pt", "d2.pt", "--weights", "w.pt"])
+    assert a.datasets == ["d1.pt", "d2.pt"] and a.weights == "w.pt"
+    assert a.handler.__module__ == "freezebench.predictors.cli"
 
 
 # --- one default policy ----------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from freezebench.config import load_config
 from freezebench.errors import TrainingInterrupted
 from freezebench.registry import POLICIES
 from freezebench.trainer import Trainer
-from helpers import StopAt
+from helpers import StopAt, assert_state_equal
 
 SETTINGS: dict[str, dict] = {
     "full": {"overrides": [], "freezes": False},
@@ -29,8 +29,8 @@ SETTINGS: dict[str, dict] = {
     "svcca": {"overrides": ["policy.threshold=0.5", "policy.patience=1", "policy.checks_per_epoch=4"],
               "freezes": True},
     # {reference}: the checkpoint of a `full` run of the same tiny model (fixture below)
-    "cka_oracle": {"overrides": ["policy.reference={reference}", "policy.checks_per_epoch=4", "policy.window=2",
-                                 "policy.var_threshold=1.0", "policy.cutoff=0.0"], "freezes": True},
+    "cka_oracle": {"overrides": ["policy.reference={reference}", "policy.checks_per_epoch=4",
+                                 "policy.window_epochs=0.25", "policy.var_threshold=1.0", "policy.cutoff=-1.0"], "freezes": True},
     # {weights}: a predictor file that always predicts "freeze" (fixture below)
     "smartfrz": {"overrides": ["policy.weights={weights}", "policy.window=2", "policy.record_every=1"],
                  "freezes": True},
@@ -126,7 +126,7 @@ def test_policy_contract(name, mlflow_uri, tiny_overrides, reference_checkpoint,
     clone = type(trainer.policy)(trainer.policy.cfg)
     clone.setup(trainer.units, trainer.plan)
     clone.load_state_dict(state)
-    assert repr(clone.state_dict()) == repr(state)
+    assert_state_equal(clone.state_dict(), state)
 
 
 TIMING = ("time/", "mem/")  # wall-clock figures differ between runs; everything else must not
@@ -154,10 +154,10 @@ def test_policy_resumes_exactly(name, tiny_overrides, tmp_path, reference_checkp
         cut.fit()
     resumed = Trainer(load_config([*base, "tracking.run_name=cut", "resume=auto"]))
     assert resumed.step == 6 and resumed.freezer.frozen == cut.freezer.frozen
-    assert repr(resumed.policy.state_dict()) == repr(cut.policy.state_dict())
+    assert_state_equal(resumed.policy.state_dict(), cut.policy.state_dict())
     result = resumed.fit()
 
     assert all(torch.equal(v, resumed.model.state_dict()[k]) for k, v in ref.model.state_dict().items())
     assert [_untimed(h) for h in result.history] == [_untimed(h) for h in expected.history]
     assert result.events == expected.events
-    assert repr(resumed.policy.state_dict()) == repr(ref.policy.state_dict())
+    assert_state_equal(resumed.policy.state_dict(), ref.policy.state_dict())

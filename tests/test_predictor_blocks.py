@@ -172,3 +172,33 @@ def test_normalize_modes():
     assert torch.count_nonzero(normalize(torch.ones(2, 4, 8), "standardize")) == 0  # eps guard: no NaN
     with pytest.raises(ValueError):
         normalize(x, "zscore")
+
+
+@pytest.mark.parametrize("model_name", ["resnet20", "mobilenet_v2", "deit_tiny", "mlp"])
+def test_tailoring_is_nested_for_every_layer(model_name):
+    """The size-k tailoring is the first k of the size-4096 one (indices and snapshots), for every layer
+    of the zoo model, small layers (BatchNorm, biases: fewer weights than 4096) included."""
+    from freezebench.units import example_batch, partition
+    from freezebench.zoo.models import build_model
+
+    model = build_model(model_name, num_classes=10, in_channels=1, image_size=8)
+    units = partition(model, example_batch(1, 8), "layer").units
+    params = [list(u.parameters) for u in units]
+    big = Tailor(params, 4096, seed=0)
+    snap = big.snapshot_all(params)
+    assert any(sum(p.numel() for p in ps) < 4096 for ps in params)  # the with-repetition case is covered
+    for k in (512, 1024, 2048):
+        small = Tailor(params, k, seed=0)
+        for u in range(len(units)):
+            assert torch.equal(small.indices[u], big.indices[u][:k]), (model_name, k, u)
+        assert torch.equal(small.snapshot_all(params), snap[:, :k])
+
+
+def test_snapshot_all_equals_per_unit_snapshots():
+    torch.manual_seed(0)
+    units = [[torch.randn(30, 20), torch.randn(20)], [torch.randn(5)], [torch.randn(3000), torch.randn(7, 7)]]
+    tl = Tailor(units, 256, seed=1)
+    both = tl.snapshot_all(units, [0, 2])
+    assert torch.equal(both[0], tl.snapshot(0, units[0])) and torch.equal(both[1], tl.snapshot(2, units[2]))
+    assert torch.equal(tl.snapshot_all(units, [0, 2]), both)  # the cached index gives the same
+    assert torch.equal(tl.snapshot_all(units, [2])[0], both[1])

@@ -11,10 +11,11 @@ from freezebench.errors import ConfigError, FreezebenchError
 from freezebench.policy import Plan, Signals
 from freezebench.predictors import policy as policy_mod
 from freezebench.predictors.model import SmartFRZPredictor
-from freezebench.predictors.policy import SmartFRZ, SmartFRZConfig, sequential_prefix
+from freezebench.predictors.policy import SmartFRZ, SmartFRZConfig, sequential_prefix, stage_decision
 from freezebench.predictors.weights import DEFAULT_WEIGHTS, load_predictor, save_predictor
 from freezebench.trainer import Trainer
 from freezebench.units import partition
+from helpers import assert_state_equal
 
 TAILOR = 16
 
@@ -89,7 +90,7 @@ def test_save_load_round_trip(tmp_path):
     assert set(raw) == {"state_dict", "meta"}
     meta = raw["meta"]
     assert meta["format_version"] == 1 and meta["tailor_size"] == TAILOR and meta["window"] == 5
-    assert meta["norm"] == "standardize" and meta["provenance"] == {"runs": ["a", "b"]} and meta["note"] == "x"
+    assert meta["norm"] == "first_delta" and meta["provenance"] == {"runs": ["a", "b"]} and meta["note"] == "x"
     assert [p.name for p in path.parent.iterdir()] == ["p.pt"]  # no temporary file left
     loaded, meta2 = load_predictor(path, tailor_size=TAILOR, window=5)
     assert meta2 == meta and not loaded.training
@@ -147,13 +148,36 @@ def test_policy_setup_checks_weights(always):
         _make(always, record_every=0)
 
 
-def test_missing_default_weights_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(policy_mod, "DEFAULT_WEIGHTS", tmp_path / "weights" / "smartfrz_default.pt")
-    with pytest.raises(FreezebenchError) as e:
-        _make(None)
+def test_family_selection_and_errors(tmp_path, monkeypatch):
+    """policy.weights=null picks the family member trained at policy.window and policy.tailor_size."""
+    import shutil
+
+    import freezebench.predictors.weights as wmod
+
+    monkeypatch.setattr(wmod, "WEIGHTS_DIR", tmp_path / "family")
+    (tmp_path / "family").mkdir()
+    with pytest.raises(ConfigError, match=r"policy.window=30 and policy.tailor_size=1024 \(shipped: none\)"):
+        SmartFRZ.weights_path(SmartFRZConfig())
+    for w, t in ((20, 1024), (30, TAILOR), (50, TAILOR)):
+        shutil.copy(_save(tmp_path, True, window=w, tailor_size=t), wmod.family_file(w, t))
+    monkeypatch.setattr(wmod, "FAMILY", ((20, 1024), (30, TAILOR), (50, TAILOR)))
+    assert SmartFRZ.weights_path(SmartFRZConfig(window=20)) == str(tmp_path / "family" / "smartfrz_w20_t1024.pt")
+    assert SmartFRZ.weights_path(SmartFRZConfig(window=50, tailor_size=TAILOR)).endswith(f"smartfrz_w50_t{TAILOR}.pt")
+    with pytest.raises(ConfigError) as e:
+        SmartFRZ.weights_path(SmartFRZConfig(window=40))
     msg = str(e.value)
-    assert "no default SmartFRZ predictor weights are shipped yet" in msg and "policy.weights=" in msg
-    assert DEFAULT_WEIGHTS.name == "smartfrz_default.pt" and DEFAULT_WEIGHTS.parent.name == "weights"
+    assert f"shipped: window=20 tailor_size=1024, window=30 tailor_size={TAILOR}, window=50 tailor_size={TAILOR}" in msg
+    assert "policy.weights=" in msg and "policy.any_window=true" in msg
+    # any_window: the member at the same tailor size, nearest to window 30
+    assert SmartFRZ.weights_path(SmartFRZConfig(window=40, any_window=True, tailor_size=TAILOR)).endswith(
+        f"smartfrz_w30_t{TAILOR}.pt")
+    with pytest.raises(ConfigError, match="tailor_size=2048"):
+        SmartFRZ.weights_path(SmartFRZConfig(window=40, any_window=True, tailor_size=2048))
+    # an explicit file wins; a policy set up from the family gets that member's window
+    assert SmartFRZ.weights_path(SmartFRZConfig(weights="x.pt", window=40)) == "x.pt"
+    pol, _, _ = _make(None, window=50)
+    assert int(pol.predictor_meta["window"]) == 50
+    assert DEFAULT_WEIGHTS == wmod.family_file(30, 1024, wmod.Path(wmod.__file__).parent / "weights")
 
 
 # --- cadence and rule ---------------------------------------------------------------------------------------
@@ -249,7 +273,7 @@ def test_state_round_trip(always):
     clone = SmartFRZ(pol.cfg)
     clone.setup(units, pol.plan)
     clone.load_state_dict(state)
-    assert repr(clone.state_dict()) == repr(state)
+    assert_state_equal(clone.state_dict(), state)
     assert torch.equal(clone.history.buffer, pol.history.buffer)
     assert [clone.history.count(r) for r in range(3)] == [2, 2, 2]
     # both continue identically
@@ -278,15 +302,57 @@ def test_tiny_run_freezes(tmp_path, tiny_overrides):
 
 
 def test_any_window_reads_other_window_lengths_with_the_shipped_predictor(tiny_overrides):
-    """The shipped predictor was trained at window 30; other windows are refused unless policy.any_window."""
+    """The shipped family has no window 25: refused, unless policy.any_window (then the window-30 member)."""
     from freezebench.config import load_config
     from freezebench.errors import ConfigError
     from freezebench.trainer import Trainer
 
-    base = [*tiny_overrides, "policy=smartfrz", "policy.window=20", "tracking.enabled=false"]
-    with pytest.raises(ConfigError, match="trained with window=30, but window=20"):
+    base = [*tiny_overrides, "policy=smartfrz", "policy.window=25", "tracking.enabled=false"]
+    with pytest.raises(ConfigError, match="no shipped SmartFRZ predictor for policy.window=25"):
         Trainer(load_config(base))
     tr = Trainer(load_config([*base, "policy.any_window=true"]))
-    assert tr.policy.history.window == 20 and int(tr.policy.predictor_meta["window"]) == 30
-    probs = tr.policy.predictor.probabilities(torch.randn(3, 20, 1024))
+    assert tr.policy.history.window == 25 and int(tr.policy.predictor_meta["window"]) == 30
+    probs = tr.policy.predictor.probabilities(torch.randn(3, 25, 1024))
     assert probs.shape == (3, 2) and torch.allclose(probs.sum(-1), torch.ones(3))
+
+
+def test_query_depends_on_the_current_snapshot():
+    """Paper section 3.2: the attention query is MLP_q of the latest snapshot. With the shipped
+    normalisation, changing only the latest snapshot changes the query (and so the attention); with the
+    old ``delta`` mode it could not (the latest row was always zeros)."""
+    from freezebench.predictors.model import QUERY_MODES, normalize
+    from freezebench.predictors.weights import DEFAULT_WEIGHTS
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 30, 1024, generator=g).cumsum(1)
+    y = x.clone()
+    y[:, -1] += torch.randn(1, 1024, generator=g)
+    for mode in QUERY_MODES:
+        assert not torch.equal(normalize(x, mode)[:, -1], normalize(y, mode)[:, -1]), mode
+    assert torch.count_nonzero(normalize(x, "delta")[:, -1]) == 0
+    model, meta = load_predictor(DEFAULT_WEIGHTS)
+    assert meta["norm"] in QUERY_MODES
+    qx, qy = (model.mlp_q(normalize(t, model.norm)[:, -1]) for t in (x, y))
+    assert not torch.allclose(qx, qy)
+    # the attention scores a_j = Q_t . K_j of the same keys change with the query (eq. 2)
+    k = model.mlp_k(normalize(x, model.norm))
+    assert not torch.allclose(k @ qx.unsqueeze(-1), k @ qy.unsqueeze(-1))
+
+
+def test_stage_decision_is_the_rule_the_policy_calls(always, monkeypatch):
+    p = {0: 0.9, 1: 0.2, 3: 0.7}  # unit 2 not judged (window not full): keep
+    assert stage_decision([0, 1, 2, 3], p, 0.5) == [0, 3]
+    assert stage_decision([0, 1, 2, 3], p, 0.5, sequential=True) == [0]
+    assert stage_decision([0, 1, 2, 3], p, 0.9) == []  # strictly above the threshold
+    assert stage_decision([2, 3], p, 0.5, sequential=True) == []
+    seen = []
+
+    def spy(active, p_freeze, threshold, sequential=False):
+        seen.append((list(active), dict(p_freeze), threshold, sequential))
+        return stage_decision(active, p_freeze, threshold, sequential)
+
+    monkeypatch.setattr(policy_mod, "stage_decision", spy)
+    pol, model, units = _make(always)
+    decs = [_tick(pol, model, units, s) for s in range(1, 7)]
+    assert seen and seen[0][0] == list(pol.freezable) and seen[0][2] == pol.threshold
+    assert decs[-1].freeze == [u for u in seen[0][0] if seen[0][1].get(u, 0.0) > pol.threshold]

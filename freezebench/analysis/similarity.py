@@ -41,8 +41,11 @@ Conventions
 * **Range.** Biased CKA and SVCCA lie in [0, 1] (up to rounding). Debiased CKA is an unbiased estimate,
   so it is not clamped: it is near 0 for independent data and can be slightly negative.
 * **Non-finite activations** are not hidden: a NaN or infinity in the input gives NaN.
-* **Sample size.** The biased CKA estimator is inflated at small n (independent inputs give about 0.2 at
-  n = 32); the probe size must be a recorded config value. SVCCA needs several times more inputs than
+* **Sample size.** The biased CKA estimator is inflated when n is small relative to the feature count p:
+  independent standard-normal inputs at n = 64 give 0.135 (p = 10), 0.498 (p = 64), 0.941 (p = 1024) and
+  0.996 (p = 16384); at n = 256, 0.800 with p = 1024. The debiased estimator stays at 0.00 +- 0.03 at n = 64
+  for all these p (measured, 10 draws each; see :mod:`freezebench.analysis.oracle`, which uses it for that
+  reason). The probe size and the estimator must be recorded config values. SVCCA needs several times more inputs than
   kept directions (see :func:`svcca`).
 """
 
