@@ -184,6 +184,10 @@ def partition(model: nn.Module, example: torch.Tensor, granularity: str = "layer
     try:
         with training_trace(model), FlopCounterMode(display=False) as counter:
             model(example)
+    except RuntimeError as e:  # the model cannot take inputs of this shape (data.image_size, channels)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{type(model).__name__} cannot take inputs of shape {tuple(example.shape[1:])}: {first} "
+                          "(check data.image_size and the model's input size)") from None
     finally:
         for h in handles:
             h.remove()

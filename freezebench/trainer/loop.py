@@ -42,6 +42,7 @@ from ..features.cache import PrefixCache
 from ..errors import ConfigError, NonFiniteLossError, TrainingInterrupted
 from ..fileio import atomic_torch_save
 from .freezer import FreezeEvent, Freezer, param_groups
+from .identity import adopt_model
 from ..policy import Decision, FreezePolicy, Plan, Signal, Signals
 from ..registry import MODELS, POLICIES
 from ..features.sieve import sieve_data
@@ -150,7 +151,11 @@ class Trainer:
             MODELS.get(cfg.model.name)  # clear error for unknown names before anything else
             model = build_model(cfg.model.name, num_classes=info.num_classes, in_channels=info.in_channels,
                                 image_size=info.image_size, pretrained=cfg.model.pretrained,
-                                checkpoint=cfg.model.checkpoint)
+                                checkpoint=cfg.model.checkpoint, reinit_head=cfg.model.reinit_head)
+            self.custom_model = False
+        else:  # a model passed in: named after itself, its checkpoint applied (freezebench.trainer.identity)
+            cfg = self.cfg = adopt_model(cfg, model)
+            self.custom_model = True
         self.model = model.to(self.device)
         if tc.channels_last and self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -711,6 +716,7 @@ class Trainer:
         return {
             "model_state": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "model_name": self.cfg.model.name,
+            "custom_model": self.custom_model,  # not a zoo model: the CKA oracle copies the trained model instead
             "num_classes": info.num_classes,
             "in_channels": info.in_channels,
             "image_size": info.image_size,

@@ -82,6 +82,23 @@ def _no_pretrained(name: str, pretrained: bool) -> None:
         )
 
 
+def _pretrained_input(tv_name: str, in_channels: int) -> None:
+    """With ``pretrained=True`` the model keeps torchvision's ImageNet stem (3 input channels, its strides),
+    so every pretrained tensor but the classifier loads; other inputs cannot take that stem."""
+    if in_channels != 3:
+        raise ConfigError(f"model {tv_name!r} with pretrained=true needs 3-channel images (its ImageNet stem), "
+                          f"the data has {in_channels}; use RGB data or pretrained=false")
+
+
+def head_name(model: nn.Module) -> str:
+    """Qualified name of the classifier head: the last ``nn.Linear`` in module order (``fc``, ``heads.head``,
+    ``classifier.6``). :class:`ConfigError` when the model has none."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise ConfigError(f"{type(model).__name__} has no nn.Linear classifier head to re-initialise")
+    return names[-1]
+
+
 def _load_pretrained(model: nn.Module, tv_name: str) -> None:
     """Copy torchvision's DEFAULT ImageNet weights for ``tv_name`` into ``model`` where names and shapes match.
 
@@ -118,8 +135,12 @@ def _load_pretrained(model: nn.Module, tv_name: str) -> None:
         logger.info("%s: skipped pretrained tensors (name or shape differs): %s", tv_name, ", ".join(skipped))
     if not_loaded:
         logger.info("%s: tensors left at their initial values: %s", tv_name, ", ".join(not_loaded))
-    if not matched:
-        logger.warning("%s: no pretrained tensor matched the model; it stays randomly initialised", tv_name)
+    head = head_name(model) + "."
+    stem_or_body = [k for k in not_loaded if not k.startswith(head)]
+    if stem_or_body:  # only the classifier may stay new: anything else is not "fine-tuning a pretrained model"
+        more = f", ... ({len(stem_or_body)} in all)" if len(stem_or_body) > 4 else ""
+        raise FreezebenchError(f"pretrained {tv_name} weights do not fit this model's {', '.join(stem_or_body[:4])}"
+                               f"{more}: only the classifier head may differ")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -236,7 +257,9 @@ def _torchvision_resnet(
     tv_name: str, *, num_classes: int, in_channels: int, image_size: int, pretrained: bool
 ) -> nn.Module:
     model = getattr(torchvision.models, tv_name)(weights=None, num_classes=num_classes)
-    if image_size <= SMALL_INPUT_MAX:
+    if pretrained:  # the ImageNet stem, so that the pretrained weights load whole (conv1 included)
+        _pretrained_input(tv_name, in_channels)
+    elif image_size <= SMALL_INPUT_MAX:
         model.conv1 = _kaiming_conv(nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False))
         model.maxpool = nn.Identity()
     elif in_channels != 3:
@@ -284,6 +307,8 @@ def vgg11_bn(*, num_classes: int, in_channels: int = 3, image_size: int = 32, pr
         first = model.features[0]
         if in_channels != first.in_channels:
             model.features[0] = nn.Conv2d(in_channels, first.out_channels, 3, padding=1)
+        if pretrained:
+            _pretrained_input("vgg11_bn", in_channels)
         size = image_size
         for i, layer in enumerate(model.features):
             if isinstance(layer, nn.MaxPool2d):
@@ -291,7 +316,7 @@ def vgg11_bn(*, num_classes: int, in_channels: int = 3, image_size: int = 32, pr
                     model.features[i] = nn.Identity()
                 else:
                     size //= 2
-        if image_size <= SMALL_INPUT_MAX:
+        if image_size <= SMALL_INPUT_MAX and not pretrained:  # pretrained: ImageNet's classifier, loaded
             model.avgpool = nn.AdaptiveAvgPool2d(1)
             model.classifier = nn.Linear(512, num_classes)
     model.to_empty(device="cpu")
@@ -319,7 +344,9 @@ def mobilenet_v2(
     """
     model = torchvision.models.mobilenet_v2(weights=None, num_classes=num_classes)
     stem: nn.Conv2d = model.features[0][0]
-    stride = 1 if image_size <= SMALL_INPUT_MAX else 2
+    if pretrained:
+        _pretrained_input("mobilenet_v2", in_channels)
+    stride = 1 if image_size <= SMALL_INPUT_MAX and not pretrained else 2
     if in_channels != stem.in_channels or stride != stem.stride[0]:
         model.features[0][0] = _kaiming_conv(
             nn.Conv2d(in_channels, stem.out_channels, 3, stride=stride, padding=1, bias=False)
@@ -414,7 +441,13 @@ def list_models() -> list[str]:
     return MODELS.names()
 
 
-def _load_checkpoint(model: nn.Module, name: str, path: str) -> None:
+def load_checkpoint(model: nn.Module, name: str, path: str, reinit_head: bool = False) -> None:
+    """Load a freezebench checkpoint or a state dict into ``model``; ``reinit_head``: all but the classifier head
+    (:func:`head_name`), which keeps its fresh initialisation (a new task's head). The rest must fit exactly."""
+    _load_checkpoint(model, name, os.fspath(path), reinit_head)
+
+
+def _load_checkpoint(model: nn.Module, name: str, path: str, reinit_head: bool = False) -> None:
     if not os.path.isfile(path):
         raise FreezebenchError(f"model checkpoint {path!r} does not exist (or is not a file)")
     try:
@@ -435,6 +468,17 @@ def _load_checkpoint(model: nn.Module, name: str, path: str) -> None:
         )
 
     own = model.state_dict()
+    head = head_name(model) + "."
+    if reinit_head:  # a new head: neither loaded nor compared
+        own = {k: v for k, v in own.items() if not k.startswith(head)}
+        state = {k: v for k, v in state.items() if not k.startswith(head)}
+    else:
+        heads = [k for k in own if k.startswith(head) and k in state and state[k].shape != own[k].shape]
+        if heads and all(state[k].shape[1:] == own[k].shape[1:] for k in heads):
+            k = heads[0]
+            raise FreezebenchError(
+                f"model checkpoint {path!r} has a head of {state[k].shape[0]} outputs ({k}), the model "
+                f"{own[k].shape[0]}: set model.reinit_head=true to fine-tune with a new head")
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong_shape = [
@@ -452,8 +496,8 @@ def _load_checkpoint(model: nn.Module, name: str, path: str) -> None:
                 more = f", ... ({len(keys)} in all)" if len(keys) > 5 else ""
                 parts.append(f"{label}: {', '.join(keys[:5])}{more}")
         raise FreezebenchError(f"model checkpoint {path!r} does not fit model {name!r}: " + "; ".join(parts))
-    model.load_state_dict(state)
-    logger.info("loaded model weights for %r from %s", name, path)
+    model.load_state_dict(state, strict=not reinit_head)
+    logger.info("loaded model weights for %r from %s%s", name, path, " (new head)" if reinit_head else "")
 
 
 def build_model(
@@ -464,6 +508,7 @@ def build_model(
     image_size: int,
     pretrained: bool = False,
     checkpoint: str | None = None,
+    reinit_head: bool = False,
 ) -> nn.Module:
     """Build the registered model ``name`` and optionally load weights.
 
@@ -479,5 +524,5 @@ def build_model(
             raise ConfigError(f"model {name!r}: {arg} must be a positive integer, got {value!r}")
     model = factory(num_classes=num_classes, in_channels=in_channels, image_size=image_size, pretrained=pretrained)
     if checkpoint is not None:
-        _load_checkpoint(model, name, os.fspath(checkpoint))
+        _load_checkpoint(model, name, os.fspath(checkpoint), reinit_head)
     return model
