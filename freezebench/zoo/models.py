@@ -36,11 +36,13 @@ copied; the rest (replaced stem, head) are skipped and logged.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import math
 import os
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from urllib.parse import urlparse
 
 import torch
@@ -82,6 +84,20 @@ def _no_pretrained(name: str, pretrained: bool) -> None:
         )
 
 
+_ARCHITECTURE_ONLY = contextvars.ContextVar("freezebench_architecture_only", default=False)
+
+
+@contextlib.contextmanager
+def architecture_only() -> Iterator[None]:
+    """Within this block ``pretrained=True`` builds the pretrained architecture (the ImageNet stem) without
+    loading the weights: for counting FLOPs (``freezebench suite --plan``) on a machine without them."""
+    token = _ARCHITECTURE_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _ARCHITECTURE_ONLY.reset(token)
+
+
 def _pretrained_input(tv_name: str, in_channels: int) -> None:
     """With ``pretrained=True`` the model keeps torchvision's ImageNet stem (3 input channels, its strides),
     so every pretrained tensor but the classifier loads; other inputs cannot take that stem."""
@@ -104,6 +120,8 @@ def _load_pretrained(model: nn.Module, tv_name: str) -> None:
 
     Reads the torch hub cache only, unless ``FREEZEBENCH_ALLOW_DOWNLOAD=1`` allows a download.
     """
+    if _ARCHITECTURE_ONLY.get():
+        return
     weights = torchvision.models.get_model_weights(tv_name).DEFAULT
     hub_dir = torch.hub.get_dir()
     cached = os.path.join(hub_dir, "checkpoints", os.path.basename(urlparse(weights.url).path))
