@@ -109,3 +109,14 @@ def test_sweep_child_names_carry_swept_values():
     assert child_run_name(cfg, {"policy.window": 40, "policy": "smartfrz"}) == \
         "smartfrz-resnet20-digits-s0 window=40"
     assert child_run_name(cfg, {"optim.lr": 0.1, "trainer.seed": 0}) == "smartfrz-resnet20-digits-s0 optim.lr=0.1"
+
+
+def test_labels_ignore_settings_a_policy_sets_itself():
+    """SpFDE turns on sparsity and sieving itself (config_defaults): that is no difference to label; a
+    sparsity switched on for `full` by hand is."""
+    from freezebench.analysis.report import _label_keys
+
+    spfde = {"sparsity.enabled": "True", "data.sieve.enabled": "True", "optim.lr": "0.1"}
+    full = {"sparsity.enabled": "False", "data.sieve.enabled": "False", "optim.lr": "0.1"}
+    assert _label_keys([("spfde", spfde), ("full", full), ("static", {**full, "optim.lr": "0.2"})], []) == ["optim.lr"]
+    assert _label_keys([("full", full), ("full", {**full, "sparsity.enabled": "True"})], []) == ["sparsity.enabled"]

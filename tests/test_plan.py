@@ -56,6 +56,16 @@ def test_plan_flops_are_what_autograd_executes(capsys):
     assert small.image_size == 32 and small.ratio < 0.2
 
 
+@pytest.mark.slow
+def test_deit_tiny_at_224_over_100_epochs_is_the_papers_figure():
+    from freezebench.config import load_config
+    from freezebench.sweeps.plan import plan_row
+
+    cfg = load_config(["model.name=deit_tiny", "data.name=cifar100", "data.image_size=224", "trainer.epochs=100"])
+    row = plan_row(cfg, runs=1, paper=32400.0)  # Table 2: DeiT-T, 100 epochs
+    assert abs(row.ratio - 1) < 0.10 and row.image_size == 224 and row.train_samples == 50_000
+
+
 def test_table2_digits_plan_and_bad_suite(capsys):
     from freezebench.config import load_config
     from freezebench.zoo.data import build_data

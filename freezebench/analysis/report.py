@@ -281,9 +281,35 @@ def _label_keys(groups: Sequence[tuple[str, dict[str, str]]], vary: Sequence[str
             for pol in {p for p, _ in groups}:
                 if len({c.get(k) for p, c in groups if p == pol}) > 1:
                     keys.add(k)
-        elif len({c.get(k) for _, c in groups}) > 1:
+        elif len({c.get(k) for _, c in groups}) > 1 and not _policy_implied(k, groups):
             keys.add(k)
     return sorted(keys)
+
+
+def _policy_defaults(policy: str) -> dict[str, str]:
+    """The trainer settings a policy is defined with (``FreezePolicy.config_defaults``), as logged params."""
+    from ..registry import POLICIES
+
+    try:
+        defaults = getattr(POLICIES.get(policy), "config_defaults", {}) or {}
+    except Exception:  # a policy this installation does not know
+        return {}
+    return {k: str(v) for k, v in defaults.items()}
+
+
+def _policy_implied(key: str, groups: Sequence[tuple[str, dict[str, str]]]) -> bool:
+    """``key`` differs only because a policy sets it itself (SpFDE turns on sparsity and sieving): every
+    group of such a policy has that value, every other group one common value. Then the policy's name says
+    it and the key is no difference to label."""
+    rest = set()
+    for pol, c in groups:
+        own = _policy_defaults(pol)
+        if key in own:
+            if c.get(key) != own[key]:
+                return False
+        else:
+            rest.add(c.get(key))
+    return len(rest) <= 1
 
 
 def _short(key: str) -> str:
