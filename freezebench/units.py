@@ -18,7 +18,9 @@ their nearest traced ancestor; parameters with no traced ancestor are kept in ``
 trained, reported).
 
 Each unit carries its forward FLOPs per sample counted by ``torch.utils.flop_counter`` on one traced batch
-(2 FLOPs per multiply-add; matmul/conv/attention kernels only, as the counter defines them). FLOPs of a
+(2 FLOPs per multiply-add; matmul/conv/attention kernels only, as the counter defines them), in a
+*training-mode* forward (:func:`training_trace`): an eval-mode trace would send ``nn.MultiheadAttention``
+down PyTorch's fused fast path, which the counter does not see. FLOPs of a
 module are *exclusive* of nested ops that form units of their own.
 """
 

@@ -320,7 +320,7 @@ def cmd_suite(args: argparse.Namespace) -> int:
     if args.list:
         for name in available_suites():
             s = load_suite(name)
-            n = len(s.space.grid()) * len(s.space.seeds) + (1 if s.reference else 0)
+            n = len(s.space.grid()) * len(s.space.seeds) + (1 if s.reference else 0) + (1 if s.source else 0)
             print(f"{name:<16} ~{n:>4} runs  {s.space.description}")
         return 0
     if not args.name:

@@ -23,6 +23,10 @@ Small-input adaptations (``image_size <= 64``), the usual ones of the CIFAR lite
 * ``mobilenet_v2``: stride-1 stem conv;
 * ``deit_tiny``: a smaller patch (see :func:`deit_patch_size`).
 
+With ``pretrained=True`` none of these apply: the model keeps torchvision's ImageNet stem and classifier
+layout at any input size, so every pretrained tensor but the final classifier loads (anything else failing
+to load is an error, not a silent re-initialisation); 3-channel inputs only.
+
 Block structure: freezebench's "block" granularity treats the children of ``nn.Sequential`` /
 ``nn.ModuleList`` containers as blocks, so every model keeps its blocks in such containers (the ResNet
 stages, VGG/MobileNet ``features``, the ViT encoder layers, the ``tiny`` and ``mlp`` layers).
