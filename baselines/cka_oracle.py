@@ -164,20 +164,30 @@ def _describe(names: Sequence[str], k: int = 4) -> str:
     return f"{len(names)} units ({shown}{', ...' if len(names) > k else ''})"
 
 
-def build_reference(path: str, units: Sequence[Any], device: str | torch.device) -> tuple[torch.nn.Module, list]:
+def build_reference(path: str, units: Sequence[Any], device: str | torch.device,
+                    template: torch.nn.Module | None = None) -> tuple[torch.nn.Module, list]:
     """Rebuild the reference model from its checkpoint on ``device`` and partition it like ``units``.
 
-    Tries the layer and the block granularity and keeps the one whose units have the same module names
-    as ``units``; then checks parameter shapes unit by unit. Raises :class:`ConfigError` on any mismatch.
+    The architecture is the zoo model the checkpoint names, or, with ``template`` (the trained model, for a
+    model passed to the trainer rather than built from the zoo), a deep copy of ``template``; the weights are
+    the checkpoint's. Tries the layer and the block granularity and keeps the one whose units have the same
+    module names as ``units``; then checks parameter shapes unit by unit. Raises :class:`ConfigError` on any
+    mismatch.
     """
-    from freezebench.zoo.models import build_model
+    import copy
+
+    from freezebench.zoo.models import build_model, load_checkpoint
     from freezebench.units import example_batch, partition
 
     payload = read_reference(path)
     name = payload["model_name"]
     try:
-        model = build_model(str(name), num_classes=payload["num_classes"], in_channels=payload["in_channels"],
-                            image_size=payload["image_size"], checkpoint=path)
+        if template is not None:
+            model = copy.deepcopy(template)
+            load_checkpoint(model, str(name), path)
+        else:
+            model = build_model(str(name), num_classes=payload["num_classes"], in_channels=payload["in_channels"],
+                                image_size=payload["image_size"], checkpoint=path)
     except FreezebenchError as e:
         raise ConfigError(f"policy.reference={path!r}: {e}") from e
     model = model.to(device).eval().requires_grad_(False)
@@ -219,7 +229,7 @@ def build_reference(path: str, units: Sequence[Any], device: str | torch.device)
 class CKAOracle(FreezePolicy):
     __doc__ = __doc__
     name = "cka_oracle"
-    needs = frozenset({Signal.ACTIVATIONS})
+    needs = frozenset({Signal.ACTIVATIONS, Signal.MODEL})  # MODEL: a passed model's architecture (reference)
     granularity = "layer"
     Config = CKAOracleConfig
 
@@ -249,7 +259,11 @@ class CKAOracle(FreezePolicy):
         super().setup(units, plan)
         self.validate_config(self.cfg)
         path = resolve_reference(str(self.cfg.reference))
-        self.reference, self.reference_units = build_reference(path, units, plan.device)
+        # a model passed to the trainer (not in the zoo): its architecture is copied at the first check,
+        # where the policy sees the training model (Signal.MODEL), and the reference weights loaded into it
+        self._pending_reference = path if read_reference(path).get("custom_model") else None
+        self.reference, self.reference_units = (None, None) if self._pending_reference else \
+            build_reference(path, units, plan.device)
         self.checks = frozenset(check_steps(plan.steps_per_epoch, plan.epochs, self.cfg.checks_per_epoch))
         self.window = window_checks(self.cfg.window_epochs, self.cfg.checks_per_epoch)  # in checks
         self.histories: dict[int, list[float]] = {}
@@ -278,6 +292,10 @@ class CKAOracle(FreezePolicy):
 
     def observe(self, step: int, signals: Signals) -> None:
         assert signals.activations is not None and signals.probe_inputs is not None
+        if self._pending_reference is not None and self._ref_grams is None:
+            self.reference, self.reference_units = build_reference(
+                self._pending_reference, self.units, self.plan.device, template=signals.model)
+            self._pending_reference = None
         grams = self._reference_grams(signals.probe_inputs)
         active = self.active_units()
         self.histories = {i: h for i, h in self.histories.items() if i in active}

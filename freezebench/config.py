@@ -32,6 +32,7 @@ class ModelConfig:
     pretrained: bool = False  # load torchvision's ImageNet weights (needs them cached locally or internet)
     checkpoint: str | None = None  # start from these weights (a freezebench checkpoint or a state dict)
     granularity: str = "auto"  # units to freeze: layer | block | auto (the policy's own preference)
+    reinit_head: bool = False  # with checkpoint: keep a new classifier head (the last nn.Linear), load the rest (fine-tuning on other classes)
 
 
 @dataclass
@@ -53,7 +54,8 @@ class DataConfig:
     val_fraction: float = 0.2  # digits/synthetic: held-out fraction (stratified, split_seed)
     split_seed: int = 0  # seed of the train/val split (fixed across runs so runs are comparable)
     train_subset: int | None = None  # use only the first N training samples (quick experiments)
-    image_size: int | None = None  # imagefolder: resize to this size (default 224); others: native size
+    image_size: int | None = None  # resize inputs to this side in pixels, on the device (CIFAR/digits/synthetic; the paper suites: 224); imagefolder default 224; null: native
+    classes: list[int] | None = None  # keep only these classes (dataset label indices), relabelled 0..k-1 in this order; null: all
     num_workers: int = 0  # DataLoader workers (imagefolder only; tensor datasets need none)
     synthetic_samples: int = 512  # synthetic: number of samples (train + val)
     synthetic_classes: int = 4  # synthetic: number of classes
@@ -314,6 +316,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"optim.lr must be positive, got {cfg.optim.lr}")
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
+    if cfg.data.image_size is not None and cfg.data.image_size < 1:
+        raise ConfigError(f"data.image_size must be a positive number of pixels or null, got {cfg.data.image_size}")
+    if cfg.data.classes is not None and (len(cfg.data.classes) < 2 or len(set(cfg.data.classes)) != len(cfg.data.classes)):
+        raise ConfigError(f"data.classes must name at least two distinct classes, got {list(cfg.data.classes)}")
     if cfg.trainer.max_steps_per_epoch is not None and cfg.trainer.max_steps_per_epoch <= 0:
         raise ConfigError("trainer.max_steps_per_epoch must be positive or null")
     if cfg.trainer.eval_every < 0:

@@ -18,7 +18,9 @@ their nearest traced ancestor; parameters with no traced ancestor are kept in ``
 trained, reported).
 
 Each unit carries its forward FLOPs per sample counted by ``torch.utils.flop_counter`` on one traced batch
-(2 FLOPs per multiply-add; matmul/conv/attention kernels only, as the counter defines them). FLOPs of a
+(2 FLOPs per multiply-add; matmul/conv/attention kernels only, as the counter defines them), in a
+*training-mode* forward (:func:`training_trace`): an eval-mode trace would send ``nn.MultiheadAttention``
+down PyTorch's fused fast path, which the counter does not see. FLOPs of a
 module are *exclusive* of nested ops that form units of their own.
 """
 
@@ -115,11 +117,40 @@ def _parent_name(name: str) -> str | None:
     return name.rpartition(".")[0]
 
 
+@contextlib.contextmanager
+def training_trace(model: nn.Module) -> Iterator[None]:
+    """Run a forward of ``model`` as training runs it, then put everything back as it was.
+
+    The trace must see the kernels a *training* step executes: in eval mode under ``no_grad``,
+    ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` take PyTorch's fused fast path
+    (``torch._native_multi_head_attention``, ``torch._transformer_encoder_layer_fwd``), which
+    ``FlopCounterMode`` does not count, so attention FLOPs came out as zero. So the model runs in training
+    mode with autograd on; what that changes is restored afterwards: every module's own training flag (the
+    freezer keeps frozen norm layers in eval mode), every buffer (BatchNorm running statistics and
+    ``num_batches_tracked``) and the random number generators dropout draws from (CPU and the CUDA devices
+    the model lives on).
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    devices = sorted({b.device.index or 0 for b in [*model.parameters(), *model.buffers()] if b.device.type == "cuda"})
+    try:
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            model.train()
+            yield
+    finally:
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+        for m, flag in flags:
+            m.training = flag
+
+
 def partition(model: nn.Module, example: torch.Tensor, granularity: str = "layer") -> Partition:
     """Cut ``model`` into units by tracing one forward pass on ``example`` (a batch of inputs).
 
-    The model's training flag and buffers (BatchNorm statistics) are left unchanged: the trace runs in eval
-    mode under ``torch.no_grad``.
+    The trace is a training-mode forward (:func:`training_trace`), so each unit's FLOPs are those a training
+    step executes; the model's training flags, buffers (BatchNorm statistics) and random states are left
+    unchanged.
     """
     if granularity not in GRANULARITIES:
         raise ConfigError(f"unknown granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}")
@@ -150,15 +181,18 @@ def partition(model: nn.Module, example: torch.Tensor, granularity: str = "layer
     for m in named.values():
         handles.append(m.register_forward_pre_hook(pre_hook))
         handles.append(m.register_forward_hook(post_hook))
-    was_training = model.training
-    model.eval()
+    if example.shape[0] < 2:  # training-mode BatchNorm needs two values per channel
+        example = torch.cat([example, example])
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with training_trace(model), FlopCounterMode(display=False) as counter:
             model(example)
+    except RuntimeError as e:  # the model cannot take inputs of this shape (data.image_size, channels)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{type(model).__name__} cannot take inputs of shape {tuple(example.shape[1:])}: {first} "
+                          "(check data.image_size and the model's input size)") from None
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     batch = example.shape[0]
     root = type(model).__name__
     inclusive = {

@@ -91,6 +91,19 @@ def _validate_points(space: Space) -> None:
             raise SweepError(f"space {space.name!r}, point {_point_text(point)}: {e}") from None
 
 
+NAMED_KEYS = ("policy", "policy.name", "model.name", "data.name", "trainer.seed")  # already in a run's name
+
+
+def child_run_name(cfg: Any, point: dict[str, Any]) -> str:
+    """A trial's MLflow run name: the trainer's ``<policy>-<model>-<dataset>-s<seed>`` plus the swept values
+    the name does not already hold (``smartfrz-resnet20-digits-s0 window=40``), so the run list tells the
+    trials apart. ``policy.`` is dropped from the keys, as in the report's row labels."""
+    base = f"{cfg.policy.name}-{cfg.model.name}-{cfg.data.name}-s{cfg.trainer.seed}"
+    extra = [f"{k[len('policy.'):] if k.startswith('policy.') else k}={v}" for k, v in point.items()
+             if k not in NAMED_KEYS]
+    return " ".join([base, *extra])
+
+
 def _point_text(point: dict[str, Any]) -> str:
     return " ".join(f"{k}={v}" for k, v in point.items())
 
@@ -383,6 +396,8 @@ def run_trial(study: Any, trial_id: int, space: Space, parent: str | None, *, he
     with Heartbeat(study._storage, trial_id, heartbeat_s):
         try:
             cfg = load_config(extra)
+            if cfg.tracking.run_name is None:
+                cfg.tracking.run_name = child_run_name(cfg, point)
             if parent is not None and cfg.tracking.enabled:
                 _nest(cfg, parent, tags)
             trainer = Trainer(cfg)

@@ -41,8 +41,9 @@ from freezebench.errors import FreezebenchError, did_you_mean
 from .space import SPACE_KEYS, Space, SweepError, parse_space
 
 SUITES_DIR = REPO_CONFIGS / "suites"
-SUITE_KEYS = ("report", "paper", "reference")
+SUITE_KEYS = ("report", "paper", "reference", "paper_tflops", "source")
 REFERENCE_KEYS = ("policy", "key", "seed", "overrides", "policy_overrides")
+SOURCE_KEYS = ("overrides", "seed")
 
 
 @dataclass
@@ -52,7 +53,9 @@ class Suite:
     report: dict[str, Any] = field(default_factory=dict)
     paper: str = ""
     reference: dict[str, Any] | None = None
-    source: str = ""
+    source_file: str = ""
+    paper_tflops: dict[str, float] | None = None  # model -> the paper's full-training TFLOPs (--plan)
+    source: dict[str, Any] | None = None  # a source model trained once, every run fine-tunes from it
 
     @property
     def policies(self) -> list[str]:
@@ -103,8 +106,17 @@ def load_suite(name_or_path: str) -> Suite:
             raise SweepError(f"suite {space.name!r}: reference needs policy (and optionally key, seed, overrides: "
                              f"{', '.join(REFERENCE_KEYS)}), got {ref!r}")
         ref = {"key": "policy.reference", "seed": 100, "overrides": [], "policy_overrides": [], **ref}
+    paper_tflops = extra.get("paper_tflops")
+    if paper_tflops is not None and (not isinstance(paper_tflops, dict)
+                                     or not all(isinstance(v, (int, float)) for v in paper_tflops.values())):
+        raise SweepError(f"suite {space.name!r}: paper_tflops maps model names to TFLOPs, got {paper_tflops!r}")
+    source = extra.get("source")
+    if source is not None:
+        if not isinstance(source, dict) or any(k not in SOURCE_KEYS for k in source):
+            raise SweepError(f"suite {space.name!r}: source takes {', '.join(SOURCE_KEYS)}, got {source!r}")
+        source = {"overrides": [], "seed": 1000, **source}
     return Suite(name=space.name, space=space, report=report, paper=str(extra.get("paper") or "").strip(),
-                 reference=ref, source=str(path))
+                 reference=ref, source_file=str(path), paper_tflops=paper_tflops, source=source)
 
 
 def _setting(overrides: list[str], key: str, default: str | None) -> str | None:
@@ -162,6 +174,72 @@ def _reference_runs(suite: Suite, uri: str, experiment: str) -> dict[tuple[str, 
     return {(r.data.tags["model"], r.data.tags["dataset"]): r.info.run_id for r in runs}
 
 
+def _source_run(suite: Suite, uri: str, experiment: str) -> tuple[str | None, str | None]:
+    """(id of the newest finished source run, status of the newest source run) of the suite."""
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None, None
+    runs = client.search_runs([exp.experiment_id], f"tags.suite = '{suite.name}/source'",
+                              order_by=["attributes.start_time DESC"])
+    done = [r for r in runs if r.info.status == "FINISHED"]
+    return (done[0].info.run_id if done else None), (runs[0].info.status if runs else None)
+
+
+def source_overrides(suite: Suite, overrides: list[str], *, storage: str | None, train: bool = True,
+                     echo: Any = print, wait_s: float = 7200.0, **sweep_kw: Any) -> list[str]:
+    """The suite's ``source`` model: trained once (a one-trial sweep, so several workers share it: the
+    others wait for it), its final weights fetched from MLflow to ``outputs/suite-<name>/source-<run>/final.pt``;
+    returns ``[model.checkpoint=<that file>]`` for every run of the suite (the transfer setting of the
+    paper's Table 2: every policy fine-tunes the same source model). No ``source``: ``[]``."""
+    import time
+
+    import mlflow
+
+    from freezebench.trainer.tracking import resolve_uri
+
+    from .runner import run_sweep
+
+    if suite.source is None:
+        return []
+    all_over = list(suite.space.overrides) + list(overrides)
+    experiment = _setting(all_over, "tracking.experiment", "freezebench")
+    uri = resolve_uri(_setting(all_over, "tracking.uri", None))
+    models = _grid_values(suite.space, "model.name") or [_setting(all_over, "model.name", "resnet20")]
+    if len(models) != 1:
+        raise FreezebenchError(f"suite {suite.name}: a source model needs a single model.name, got {models}")
+    study = f"{suite.name}-source"
+    over = [*all_over, "policy=full", *suite.source["overrides"], f"model.name={models[0]}",
+            f"tracking.tags.suite={suite.name}/source", "trainer.save_checkpoint=true",
+            "tracking.log_checkpoint=true"]
+    run_id, status = _source_run(suite, uri, experiment)
+    if run_id is None and train:
+        space = parse_space({"name": study, "description": f"source model of {suite.name}", "overrides": over,
+                             "params": {"policy": ["full"]}, "sampler": "grid", "objective": "accuracy",
+                             "seeds": [int(suite.source["seed"])]}, study, suite.source_file)
+        (echo or (lambda *a, **k: None))(f"suite {suite.name}: source model ({study}, 1 run)")
+        run_sweep(space, storage=storage, study=study, echo=echo, **sweep_kw)
+        deadline = time.monotonic() + wait_s  # another worker may be training it: wait for its run
+        while (run_id := _source_run(suite, uri, experiment)[0]) is None:
+            status = _source_run(suite, uri, experiment)[1]
+            if status == "FAILED" or time.monotonic() > deadline:
+                raise FreezebenchError(f"suite {suite.name}: the source model run did not finish (status {status}); "
+                                       f"see study {study}, or rerun with --retry-failed")
+            time.sleep(5)
+    if run_id is None:
+        raise FreezebenchError(f"suite {suite.name}: no finished source model run yet (tag suite={suite.name}/source)")
+    dst = Path("outputs") / f"suite-{suite.name}" / f"source-{run_id}"
+    path = dst / "final.pt"
+    if not path.is_file():
+        dst.mkdir(parents=True, exist_ok=True)
+        got = mlflow.tracking.MlflowClient(uri).download_artifacts(run_id, "checkpoints/final.pt", str(dst))
+        if Path(got) != path:
+            Path(got).replace(path)
+    return [f"model.checkpoint={path}"]
+
+
 def run_suite(name: str, overrides: list[str] | None = None, seeds: list[int] | None = None, storage: str | None = None,
               out: str | None = None, run: bool = True, echo: Any = print, **sweep_kw: Any) -> tuple[Any, Path, str | None]:
     """Run the suite's sweeps (unless ``run`` is false), then build, write and log its report."""
@@ -177,6 +255,7 @@ def run_suite(name: str, overrides: list[str] | None = None, seeds: list[int] | 
     experiment = _setting(all_over, "tracking.experiment", "freezebench")
     uri = resolve_uri(_setting(all_over, "tracking.uri", None))
     if run:
+        overrides = overrides + source_overrides(suite, overrides, storage=storage, echo=echo, **sweep_kw)
         for study, space in stages(suite, overrides, seeds):
             say(f"suite {suite.name}: sweep {study} ({len(space.grid()) * len(space.seeds)} trials)")
             run_sweep(space, seeds=None, storage=storage, study=study, echo=echo, **sweep_kw)
@@ -224,6 +303,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", "-o", default=None, help="report folder (default: outputs/report-<name>)")
     p.add_argument("--format", default="table", choices=("table", "md", "csv", "html"), help="printed table format")
     p.add_argument("--report", action="store_true", help="report the suite's runs so far; train nothing")
+    p.add_argument("--plan", action="store_true", help="print runs and full-training TFLOPs per (model, dataset) "
+                   "against the paper's; train nothing, read no dataset files")
     p.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)  # extra local workers
     p.add_argument("--list", action="store_true", help="list the suites")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -239,7 +320,7 @@ def cmd_suite(args: argparse.Namespace) -> int:
     if args.list:
         for name in available_suites():
             s = load_suite(name)
-            n = len(s.space.grid()) * len(s.space.seeds) + (1 if s.reference else 0)
+            n = len(s.space.grid()) * len(s.space.seeds) + (1 if s.reference else 0) + (1 if s.source else 0)
             print(f"{name:<16} ~{n:>4} runs  {s.space.description}")
         return 0
     if not args.name:
@@ -248,10 +329,16 @@ def cmd_suite(args: argparse.Namespace) -> int:
         raise FreezebenchError("--workers must be at least 1")
     overrides = split_overrides(args.overrides)
     seeds = _seeds(args.seeds)
+    if args.plan:
+        from .plan import plan_suite, render_plan
+
+        print(render_plan(plan_suite(load_suite(args.name), overrides, seeds), args.format), end="")
+        return 0
     if args.no_report:  # a helper worker started by --workers: run the sweeps, leave the report to the first
         suite = load_suite(args.name)
         from .runner import run_sweep
 
+        overrides = overrides + source_overrides(suite, overrides, storage=args.storage, echo=None, plots=False)
         for study, space in stages(suite, overrides, seeds):
             run_sweep(space, storage=args.storage, study=study, echo=None, plots=False)
         return 0

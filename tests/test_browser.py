@@ -142,3 +142,59 @@ def test_runs_and_a_compared_metric_are_visible_in_the_mlflow_ui(compare_runs, m
         assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
     finally:
         driver.quit()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None or DRIVER is None,
+                    reason="no Chromium/chromedriver found (apt-get install chromium chromium-driver, or set "
+                           "FREEZEBENCH_CHROMIUM / FREEZEBENCH_CHROMEDRIVER)")
+def test_grouping_by_policy_shows_one_group_per_policy(compare_runs, mlflow_server):
+    """The README's path to comparing policies: Training runs page, Group by -> Tags -> policy. Each policy is
+    one group holding its seeds (the UI aggregates the group's metrics); the screenshot is kept."""
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is in the test extra: pip install -e .[test]")
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    client = mlflow.tracking.MlflowClient(compare_runs["uri"])
+    exp = client.get_experiment_by_name(compare_runs["experiment"])
+    runs = client.search_runs([exp.experiment_id], "tags.suite = 't'")
+    want: dict[str, int] = {}
+    for r in runs:
+        want[r.data.tags["policy"]] = want.get(r.data.tags["policy"], 0) + 1
+    assert want == {"full": 2, "static": 2, "freezeout_linear": 2}
+    query = urllib.parse.urlencode({"searchFilter": "tags.suite = 't'"}, quote_via=urllib.parse.quote)
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for a in ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1600,1000"]:
+        opts.add_argument(a)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
+    wait = WebDriverWait(driver, 60)
+    body = lambda: driver.find_element(By.TAG_NAME, "body").text  # noqa: E731
+    try:
+        driver.get(f"{mlflow_server}/#/experiments/{exp.experiment_id}/runs?{query}")
+        wait.until(lambda d: "6 matching runs" in body())
+        driver.find_element(By.XPATH, "//button[normalize-space(.)='Group by']").click()
+        wait.until(lambda d: d.find_element(By.XPATH, "//*[@role='menuitemcheckbox'][normalize-space(.)='policy']")).click()
+        driver.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
+        wait.until(lambda d: "Group by: policy" in body())
+
+        def groups(d) -> dict[str, int] | bool:
+            found = {}
+            for el in d.find_elements(By.CSS_SELECTOR, ".ag-row[row-index]"):
+                lines = [s.strip() for s in el.text.splitlines() if s.strip()]
+                for i, s in enumerate(lines):
+                    if s.startswith("Group: ") and i + 1 < len(lines) and lines[i + 1].isdigit():
+                        found[s[len("Group: "):]] = int(lines[i + 1])
+            return found if len(found) == len(want) else False
+
+        shown = wait.until(groups)
+        assert shown == want  # one group per policy, each with its two seeds
+        assert "Additional runs" not in body()  # every run of the suite carries a policy tag
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        shot = ARTIFACTS / "mlflow_ui_grouped_by_policy.png"
+        assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+    finally:
+        driver.quit()

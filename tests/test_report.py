@@ -98,9 +98,9 @@ def test_runs_read_well_and_figures_use_their_events(compare_runs):
     assert [s for s, _ in static.memory] == [1, 2, 3] and static.epochs == 3.0
     hist = [m.value for m in client.get_metric_history(static.run_id, "mem/peak_mb")]
     assert sorted(hist) == sorted(v for _, v in static.memory)
-    # --vary: a knob splits a policy's rows (Tables 8/9); runs without that param keep their policy name
-    varied = load_runs(exp, SUITE, uri, details=False, vary=["policy.at_step"])
-    assert {r.policy for r in varied} == {"full", "freezeout_linear", "static at_step=4"}
+    # --vary: a knob always in the labels (Tables 8/9); rows of runs without that param keep their policy name
+    varied = build_report(load_runs(exp, SUITE, uri, details=False), vary=["policy.at_step"])
+    assert {r.policy for r in varied.rows} == {"full", "freezeout_linear", "static at_step=4"}
 
 
 @pytest.mark.slow

@@ -23,8 +23,13 @@ def test_the_paper_tables_are_shipped_with_scaled_variants():
     assert t2.policies == ["full", "freezeout_linear", "autofreeze", "smartfrz"]
     assert len(t2.space.grid()) == 3 * 2 * 4 and t2.space.seeds == (0, 1, 2)
     assert "trainer.epochs=10" in t2.space.overrides and "12,360" in t2.paper
-    t2d = load_suite("table2_digits")
-    assert "trainer.epochs=3" in t2d.space.overrides and len(t2d.space.grid()) * len(t2d.space.seeds) == 10
+    assert t2.paper_tflops == {"resnet50": 12360, "vgg11_bn": 22950, "mobilenet_v2": 960, "deit_tiny": 32400}
+    assert "data.image_size=224" in t2.space.overrides
+    t2d = load_suite("table2_digits")  # fine-tuning: a source on digits 0-4, 6 policies x 3 seeds on 5-9
+    assert "trainer.epochs=10" in t2d.space.overrides and len(t2d.space.grid()) * len(t2d.space.seeds) == 18
+    assert t2d.policies == ["full", "static", "freezeout_linear", "autofreeze", "smartfrz", "cka_oracle"]
+    assert {"data.classes=[5,6,7,8,9]", "model.reinit_head=true"} <= set(t2d.space.overrides)
+    assert t2d.source["overrides"] == ["data.classes=[0,1,2,3,4]"] and t2d.reference["seed"] == 100
     assert load_suite("table8").report["vary"] == ["policy.t0"]
 
 
@@ -104,3 +109,27 @@ def test_a_suite_with_a_reference_trains_it_first(mlflow_uri, tmp_path, tiny_ove
     assert ref.data.tags["policy"] == "full" and ref.data.tags["seed"] == "5"
     oracle = client.get_run(next(r for r in report.rows if r.policy == "cka_oracle").run_ids[0])
     assert oracle.data.params["policy.reference"] == f"runs:/{ref.info.run_id}"
+
+
+@pytest.mark.slow
+def test_a_suite_with_a_source_model_trains_it_once_and_fine_tunes_from_it(mlflow_uri, tmp_path, tiny_overrides):
+    path = _tiny_suite(tmp_path, mlflow_uri, tiny_overrides, seeds=[0],
+                       source={"seed": 5, "overrides": ["data.classes=[0,1]"]})
+    data = yaml.safe_load(open(path))
+    data["overrides"] += ["data.classes=[2,3]", "model.reinit_head=true"]
+    open(path, "w").write(yaml.safe_dump(data))
+    name = load_suite(path).name
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    report, _, _ = run_suite(path, storage=storage, out=str(tmp_path / "rep"), echo=None, plots=False)
+    client = mlflow.tracking.MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name("suite-test").experiment_id
+    sources = client.search_runs([exp], f"tags.suite = '{name}/source'")
+    assert len(sources) == 1 and sources[0].data.params["data.classes"] == "[0, 1]"
+    ckpt = f"outputs/suite-{name}/source-{sources[0].info.run_id}/final.pt"
+    trained = client.search_runs([exp], f"tags.suite = '{name}' and tags.kind = 'sweep-trial'")
+    assert len(trained) == 2 and {r.data.params["model.checkpoint"] for r in trained} == {ckpt}
+    assert {r.data.params["data.classes"] for r in trained} == {"[2, 3]"}
+    assert [(r.policy, r.seeds) for r in report.rows] == [("full", [0]), ("static", [0])]
+    # again: nothing new is trained, the source included
+    run_suite(path, storage=storage, out=str(tmp_path / "rep"), echo=None, plots=False)
+    assert len(client.search_runs([exp], f"tags.suite = '{name}/source'")) == 1

@@ -1,13 +1,20 @@
 """Compare freezing policies from their MLflow runs: the SmartFRZ paper's tables and figures, from your runs.
 
-    freezebench compare                                        # every finished run of experiment freezebench
+    freezebench compare                                        # every finished run, in every experiment
     freezebench compare --filter "tags.suite = 'table2_digits'" --format md
     freezebench compare --experiment my-exp --out reports/mine --no-log
 
-Training runs (those with ``policy``/``model``/``dataset`` tags and a ``val/acc`` metric) are grouped by
-(model, dataset) and policy; each group gives the mean and the sample standard deviation over its seeds of
+Training runs (those with ``policy``/``model``/``dataset`` tags and a ``val/acc`` metric) are compared like
+with like: a row is the set of runs whose resolved configs (their params) are equal in everything but the
+seed and the keys that cannot change a result (:data:`NEUTRAL_KEYS`: tracking, output paths, progress
+bars, ...). A row's label is its policy plus every key whose value differs between the rows (``smartfrz
+window=40``, ``static trainer.epochs=5``); the settings all rows share are listed once. A run of the same
+config and seed twice counts once (the newest; the report says how many re-runs it left out). Without
+``--experiment`` every experiment of the store is read, so runs made by ``mlflow run .`` (MLflow's
+``Default`` experiment unless ``--experiment-name``) are found too. Each row gives the mean and the sample
+standard deviation over its seeds of
 the final accuracy, wall time, training TFLOPs, peak memory and policy overhead, and the savings against
-the ``full`` policy of the same (model, dataset), the layout of Table 2 of the SmartFRZ paper (Li et al.,
+the ``full`` row with the same settings (the same config but the policy's own keys), the layout of Table 2 of the SmartFRZ paper (Li et al.,
 "SmartFRZ: An Efficient Training Framework using Attention-Based Layer Freezing", ICLR 2023). Figures:
 accuracy against TFLOPs with the Pareto front, freeze timelines side by side (the paper's Figure 5b),
 memory over training (Figure 5a) and the epoch at which each unit froze under each policy (a heat map).
@@ -48,6 +55,21 @@ KEYS = {
 }
 FORMATS = ("table", "md", "csv", "html")
 BASELINE = "full"
+# config keys (MLflow params) that cannot change a run's result: runs differing only in these (and the seed)
+# share a row. Params without a dot are `mlflow run`'s own (MLproject parameters, repeated in the config).
+NEUTRAL_KEYS = frozenset({
+    "trainer.seed", "trainer.output_dir", "trainer.progress", "trainer.save_checkpoint", "trainer.checkpoint_every",
+    "trainer.cache_dir", "trainer.check_finite_every", "data.root", "data.download", "data.num_workers",
+    "data.eval_batch_size", "resume",
+})
+NEUTRAL_PREFIXES = ("tracking.", "units.")  # tracking settings; units.*: derived from the model, not set
+IDENTITY_KEYS = ("model.name", "data.name", "policy.name")  # columns of their own, never in a label
+
+
+def result_config(params: dict[str, str]) -> dict[str, str]:
+    """The settings of a run that can change its result: its params minus the seed and :data:`NEUTRAL_KEYS`."""
+    return {k: v for k, v in params.items()
+            if "." in k and k not in NEUTRAL_KEYS and not k.startswith(NEUTRAL_PREFIXES)}
 
 
 @dataclass
@@ -66,6 +88,8 @@ class RunRecord:
     memory: list[tuple[int, float]] = field(default_factory=list)  # (epoch, mem/peak_mb)
     events: list[dict[str, Any]] = field(default_factory=list)  # freeze_events.csv rows
     unit_names: list[str] = field(default_factory=list)
+    config: dict[str, str] = field(default_factory=dict)  # result_config(params): what a row must share
+    start_time: int = 0  # ms since the epoch (MLflow): the newest of a re-run is kept
 
     def value(self, column: str) -> float:
         return float(self.metrics.get(KEYS[column], math.nan))
@@ -89,11 +113,11 @@ class Stat:
 
 @dataclass
 class Row:
-    """One (model, dataset, policy) group: a row of the table."""
+    """Runs of one config differing only in their seeds: a row of the table."""
 
     model: str
     dataset: str
-    policy: str
+    policy: str  # the row's label: the policy plus every setting that differs between rows ("static lr=0.1")
     seeds: list[int]
     run_ids: list[str]
     acc: Stat
@@ -105,6 +129,9 @@ class Row:
     frozen_units: Stat
     time_saving: float | None  # 1 - mean time / mean time of `full` (None without full runs)
     flops_saving: float | None  # 1 - mean TFLOPs / mean TFLOPs of `full` (else of the cost model's full cost)
+    policy_name: str = ""  # the policy alone
+    settings: dict[str, str] = field(default_factory=dict)  # the keys in the label and this row's values
+    reruns: list[str] = field(default_factory=list)  # run ids left out: the same config and seed as a kept run
 
 
 @dataclass
@@ -113,6 +140,7 @@ class Report:
     runs: list[RunRecord]
     title: str = "freezebench report"
     source: dict[str, Any] = field(default_factory=dict)  # experiment, filter, tracking URI
+    shared: dict[str, str] = field(default_factory=dict)  # settings with one value in every row
 
     def groups(self) -> list[tuple[str, str]]:
         seen: dict[tuple[str, str], None] = {}
@@ -120,9 +148,10 @@ class Report:
             seen.setdefault((r.model, r.dataset), None)
         return list(seen)
 
-    def runs_of(self, model: str, dataset: str, policy: str) -> list[RunRecord]:
-        return sorted((r for r in self.runs if (r.model, r.dataset, r.policy) == (model, dataset, policy)),
-                      key=lambda r: r.seed)
+    def runs_of(self, row: Row) -> list[RunRecord]:
+        """The runs of ``row``, by seed."""
+        ids = set(row.run_ids)
+        return sorted((r for r in self.runs if r.run_id in ids), key=lambda r: r.seed)
 
 
 # --- reading MLflow ---------------------------------------------------------------------------------------
@@ -136,13 +165,12 @@ def _client(uri: str | None) -> Any:
     return mlflow.tracking.MlflowClient(uri), uri
 
 
-def load_runs(experiment: str = "freezebench", filter: str | None = None, uri: str | None = None,
-              details: bool = True, progress: bool = False, vary: Sequence[str] = ()) -> list[RunRecord]:
-    """The finished training runs of ``experiment`` matching the MLflow search ``filter``.
+def load_runs(experiment: str | None = None, filter: str | None = None, uri: str | None = None,
+              details: bool = True, progress: bool = False) -> list[RunRecord]:
+    """The finished training runs of ``experiment`` (``None``: of every experiment) matching ``filter``.
 
     ``details`` also reads each run's memory history, freeze events and unit names (for the figures).
-    ``vary``: config keys (params) that split a policy's rows, e.g. ``policy.t0`` gives rows
-    ``freezeout_linear t0=0.3``, ... (the paper's Tables 8 and 9).
+    Raises :class:`FreezebenchError` (one line) when nothing matches or no matching run finished.
     """
     import os
 
@@ -152,20 +180,23 @@ def load_runs(experiment: str = "freezebench", filter: str | None = None, uri: s
 
     client, uri = _client(uri)
     try:
-        exp = client.get_experiment_by_name(experiment)
+        if experiment is None:
+            exp_ids = [e.experiment_id for e in client.search_experiments()]
+        else:
+            exp = client.get_experiment_by_name(experiment)
+            exp_ids = [exp.experiment_id] if exp is not None else []
     except MlflowException as e:
         raise FreezebenchError(f"cannot read the MLflow store at {uri}: {str(e).splitlines()[0]}") from None
-    if exp is None:
+    if experiment is not None and not exp_ids:
         known = [e.name for e in client.search_experiments()]
         from ..errors import did_you_mean
 
         raise FreezebenchError(f"no MLflow experiment {experiment!r} at {uri}.{did_you_mean(experiment, known)} "
                                f"Experiments: {', '.join(known) or '(none)'}")
     found, token = [], None
-    while True:
+    while exp_ids:
         try:
-            page = client.search_runs([exp.experiment_id], filter_string=filter or "", max_results=1000,
-                                      page_token=token)
+            page = client.search_runs(exp_ids, filter_string=filter or "", max_results=1000, page_token=token)
         except MlflowException as e:
             raise FreezebenchError(f"bad --filter {filter!r}: {str(e).splitlines()[0]} (MLflow search syntax, "
                                    "e.g. \"tags.suite = 'table2_digits' and params.trainer.epochs = '3'\")") from None
@@ -173,26 +204,34 @@ def load_runs(experiment: str = "freezebench", filter: str | None = None, uri: s
         token = page.token
         if not token:
             break
-    runs = []
+    runs, statuses = [], {}
     from ..progress import track
 
     for run in track(found, "reading runs", unit="run", enable=progress):  # on a terminal: done of total, ETA
         tags, metrics = run.data.tags, run.data.metrics
-        if run.info.status != "FINISHED" or tags.get("kind") == "report":
+        if tags.get("kind") == "report" or not {"policy", "model", "dataset"} <= set(tags):
             continue
-        if not {"policy", "model", "dataset"} <= set(tags) or KEYS["acc"] not in metrics:
+        statuses[run.info.status] = statuses.get(run.info.status, 0) + 1
+        if run.info.status != "FINISHED" or KEYS["acc"] not in metrics:
             continue
-        label = " ".join([tags["policy"], *(f"{k.rsplit('.', 1)[-1]}={run.data.params[k]}" for k in vary
-                                            if k in run.data.params)])
         rec = RunRecord(
-            run_id=run.info.run_id, name=run.info.run_name or run.info.run_id, policy=label,
+            run_id=run.info.run_id, name=run.info.run_name or run.info.run_id, policy=tags["policy"],
             model=tags["model"], dataset=tags["dataset"], seed=int(tags.get("seed", 0)),
             metrics={k: float(metrics[k]) for k in KEYS.values() if k in metrics},
             epochs=float(run.data.params.get("trainer.epochs", 0) or 0), suite=tags.get("suite"),
+            config=result_config(dict(run.data.params)), start_time=int(run.info.start_time or 0),
         )
         if details:
             _read_details(client, rec, int(run.data.params.get("units.count", 0) or 0))
         runs.append(rec)
+    if not runs:
+        where = f"experiment {experiment!r}" if experiment is not None else f"any experiment at {uri}"
+        match = f" matching {filter!r}" if filter else ""
+        if statuses:
+            counts = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items()))
+            raise FreezebenchError(f"no finished training runs in {where}{match}: the {sum(statuses.values())} "
+                                   f"training runs found are {counts}")
+        raise FreezebenchError(f"no finished training runs in {where}{match} (check --experiment and --filter)")
     return runs
 
 
@@ -232,35 +271,117 @@ def policy_order(policies: Iterable[str], order: Sequence[str] | None = None) ->
     return first + sorted(pol - set(first))
 
 
+def _label_keys(groups: Sequence[tuple[str, dict[str, str]]], vary: Sequence[str]) -> list[str]:
+    """Keys whose value differs between the groups (policy, config): a setting outside ``policy.*`` that
+    differs anywhere, or a ``policy.*`` key that differs between groups of the same policy (another
+    policy's knobs are not a difference); ``vary`` keys always."""
+    keys: set[str] = set(k for k in vary if any(k in c for _, c in groups))
+    every = {k for _, c in groups for k in c} - set(IDENTITY_KEYS)
+    for k in every:
+        if k.startswith("policy."):
+            for pol in {p for p, _ in groups}:
+                if len({c.get(k) for p, c in groups if p == pol}) > 1:
+                    keys.add(k)
+        elif len({c.get(k) for _, c in groups}) > 1 and not _policy_implied(k, groups):
+            keys.add(k)
+    return sorted(keys)
+
+
+def _policy_defaults(policy: str) -> dict[str, str]:
+    """The trainer settings a policy is defined with (``FreezePolicy.config_defaults``), as logged params."""
+    from ..registry import POLICIES
+
+    try:
+        defaults = getattr(POLICIES.get(policy), "config_defaults", {}) or {}
+    except Exception:  # a policy this installation does not know
+        return {}
+    return {k: str(v) for k, v in defaults.items()}
+
+
+def _policy_implied(key: str, groups: Sequence[tuple[str, dict[str, str]]]) -> bool:
+    """``key`` differs only because a policy sets it itself (SpFDE turns on sparsity and sieving): every
+    group of such a policy has that value, every other group one common value. Then the policy's name says
+    it and the key is no difference to label."""
+    rest = set()
+    for pol, c in groups:
+        own = _policy_defaults(pol)
+        if key in own:
+            if c.get(key) != own[key]:
+                return False
+        else:
+            rest.add(c.get(key))
+    return len(rest) <= 1
+
+
+def _short(key: str) -> str:
+    return key[len("policy."):] if key.startswith("policy.") else key
+
+
+def _dedupe(runs: list[RunRecord]) -> tuple[list[RunRecord], list[str]]:
+    """One run per seed (the newest); the ids of the others (re-runs of the same config and seed)."""
+    by_seed: dict[int, list[RunRecord]] = {}
+    for r in runs:
+        by_seed.setdefault(r.seed, []).append(r)
+    kept, dropped = [], []
+    for seed in sorted(by_seed):
+        rs = sorted(by_seed[seed], key=lambda r: (r.start_time, r.run_id))
+        kept.append(rs[-1])
+        dropped += [r.run_id for r in rs[:-1]]
+    return kept, dropped
+
+
 def build_report(runs: Sequence[RunRecord], order: Sequence[str] | None = None, title: str = "freezebench report",
-                 source: dict[str, Any] | None = None) -> Report:
-    """Group ``runs`` by (model, dataset, policy) and compute the table (pure: no MLflow)."""
+                 source: dict[str, Any] | None = None, vary: Sequence[str] = ()) -> Report:
+    """Group ``runs`` into rows of equal config (all but the seed and neutral keys) and compute the table
+    (pure: no MLflow). ``vary``: keys always shown in the labels (where runs have them)."""
     if not runs:
         raise FreezebenchError("no finished training runs to compare (check --experiment and --filter)")
-    groups: dict[tuple[str, str], dict[str, list[RunRecord]]] = {}
+    configs: dict[tuple, list[RunRecord]] = {}
     for r in runs:
-        groups.setdefault((r.model, r.dataset), {}).setdefault(r.policy, []).append(r)
-    rows = []
+        configs.setdefault((r.model, r.dataset, r.policy, tuple(sorted(r.config.items()))), []).append(r)
+    keys = _label_keys([(k[2], dict(k[3])) for k in configs], vary)
+    cfgs, policies = [dict(k[3]) for k in configs], {k[2] for k in configs}
+    shared = {}  # listed once in the report: one value in every row (a policy's knobs only with one policy)
+    for key in sorted(set.intersection(*(set(c) for c in cfgs))):
+        vals = {c[key] for c in cfgs}
+        if len(vals) == 1 and (not key.startswith("policy.") or len(policies) == 1):
+            shared[key] = vals.pop()
+    groups: dict[tuple[str, str], list[tuple]] = {}
+    for k in configs:
+        groups.setdefault((k[0], k[1]), []).append(k)
+    rows, kept_runs = [], []
     for (model, dataset) in sorted(groups):
-        by_policy = groups[(model, dataset)]
-        base = by_policy.get(BASELINE)
-        base_time = Stat.of([r.value("time_s") for r in base]).mean if base else None
-        base_flops = Stat.of([r.value("tflops") for r in base]).mean if base else None
-        for policy in policy_order(by_policy, order):
-            rs = sorted(by_policy[policy], key=lambda r: r.seed)
+        entries = []
+        for k in groups[(model, dataset)]:
+            cfg = dict(k[3])
+            settings = {key: cfg.get(key, "–") for key in keys if not key.startswith("policy.") or key in cfg}
+            label = " ".join([k[2], *(f"{_short(key)}={v}" for key, v in settings.items())])
+            rs, dropped = _dedupe(configs[k])
+            entries.append((k, label, settings, rs, dropped))
+        rank = {p: i for i, p in enumerate(policy_order({e[0][2] for e in entries}, order))}
+        entries.sort(key=lambda e: (rank[e[0][2]], e[1]))
+        # the baseline of a row: the `full` row whose settings outside policy.* are the same
+        outside = lambda k: tuple((a, b) for a, b in k[3] if not a.startswith("policy."))  # noqa: E731
+        base = {outside(e[0]): e[3] for e in entries if e[0][2] == BASELINE}
+        for k, label, settings, rs, dropped in entries:
+            b = base.get(outside(k))
+            base_time = Stat.of([r.value("time_s") for r in b]).mean if b else None
+            base_flops = Stat.of([r.value("tflops") for r in b]).mean if b else None
             col = {c: [r.value(c) for r in rs] for c in KEYS}
             time_s, tflops = Stat.of(col["time_s"]), Stat.of(col["tflops"])
             ref_flops = base_flops if base_flops else Stat.of(col["tflops_full"]).mean
             rows.append(Row(
-                model=model, dataset=dataset, policy=policy, seeds=[r.seed for r in rs],
+                model=model, dataset=dataset, policy=label, seeds=[r.seed for r in rs],
                 run_ids=[r.run_id for r in rs], acc=Stat.of(col["acc"]), time_s=time_s, tflops=tflops,
                 peak_mb=Stat.of(col["peak_mb"]), policy_s=Stat.of(col["policy_s"]),
                 overhead_frac=Stat.of([p / t for p, t in zip(col["policy_s"], col["time_s"]) if t > 0]),
                 frozen_units=Stat.of(col["frozen_units"]),
                 time_saving=1 - time_s.mean / base_time if base_time else None,
                 flops_saving=1 - tflops.mean / ref_flops if ref_flops else None,
+                policy_name=k[2], settings=settings, reruns=dropped,
             ))
-    return Report(rows=rows, runs=list(runs), title=title, source=dict(source or {}))
+            kept_runs += rs
+    return Report(rows=rows, runs=kept_runs, title=title, source=dict(source or {}), shared=shared)
 
 
 def _decimals(x: float, sig: int = 4) -> int:
@@ -292,7 +413,8 @@ def table_cells(report: Report) -> list[list[str]]:
     """The table as strings (the paper's Table 2 columns, plus memory and overhead)."""
     out = []
     for r in report.rows:
-        out.append([r.model, r.dataset, r.policy, str(len(r.seeds)), fmt_stat(r.acc, 100, 2), fmt_stat(r.time_s),
+        seeds = str(len(r.seeds)) + (f" (+{len(r.reruns)} re-run{'s' if len(r.reruns) > 1 else ''})" if r.reruns else "")
+        out.append([r.model, r.dataset, r.policy, seeds, fmt_stat(r.acc, 100, 2), fmt_stat(r.time_s),
                     fmt_stat(r.tflops), _pct(r.time_saving), _pct(r.flops_saving), fmt_stat(r.peak_mb, decimals=0),
                     fmt_stat(r.policy_s), fmt_stat(r.overhead_frac, 100, 2), fmt_stat(r.frozen_units, decimals=1)])
     return out
@@ -301,7 +423,7 @@ def table_cells(report: Report) -> list[list[str]]:
 CSV_COLUMNS = ["model", "dataset", "policy", "n", "seeds", "acc_mean", "acc_std", "time_s_mean", "time_s_std",
                "tflops_mean", "tflops_std", "time_saving", "flops_saving", "peak_mb_mean", "peak_mb_std",
                "policy_s_mean", "policy_s_std", "overhead_frac_mean", "overhead_frac_std", "frozen_units_mean",
-               "run_ids"]
+               "run_ids", "policy_name", "reruns"]
 
 
 def _csv(report: Report) -> str:
@@ -314,7 +436,7 @@ def _csv(report: Report) -> str:
                     nz(r.acc.mean), nz(r.acc.std), nz(r.time_s.mean), nz(r.time_s.std), nz(r.tflops.mean),
                     nz(r.tflops.std), nz(r.time_saving), nz(r.flops_saving), nz(r.peak_mb.mean), nz(r.peak_mb.std),
                     nz(r.policy_s.mean), nz(r.policy_s.std), nz(r.overhead_frac.mean), nz(r.overhead_frac.std),
-                    nz(r.frozen_units.mean), " ".join(r.run_ids)])
+                    nz(r.frozen_units.mean), " ".join(r.run_ids), r.policy_name, " ".join(r.reruns)])
     return buf.getvalue()
 
 
@@ -325,17 +447,35 @@ def render(report: Report, fmt: str = "table") -> str:
     if fmt == "csv":
         return _csv(report)
     cells = table_cells(report)
+    notes = _notes(report)
     if fmt == "md":
         lines = ["| " + " | ".join(HEADER) + " |", "|" + "|".join("---" if i < 3 else "---:" for i in range(len(HEADER))) + "|"]
         lines += ["| " + " | ".join(c) + " |" for c in cells]
+        if report.shared:
+            lines += ["", "Settings all rows share: " + ", ".join(f"`{k}={v}`" for k, v in report.shared.items())]
+        lines += ["", *notes] if notes else []
         return "\n".join(lines) + "\n"
     if fmt == "html":
         head = "".join(f"<th>{html.escape(h)}</th>" for h in HEADER)
         body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>\n" for row in cells)
-        return f'<table class="freezebench-report">\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody>\n</table>\n'
+        shared = "".join(f"<li><code>{html.escape(k)}={html.escape(v)}</code></li>" for k, v in report.shared.items())
+        extra = (f'<p>Settings all rows share:</p>\n<ul class="freezebench-shared">{shared}</ul>\n' if shared else "")
+        extra += "".join(f"<p>{html.escape(n)}</p>\n" for n in notes)
+        return (f'<table class="freezebench-report">\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody>\n'
+                f'</table>\n{extra}')
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(HEADER)]
     line = lambda row: "  ".join(v.ljust(w) if i < 3 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths)))  # noqa: E731
-    return "\n".join([line(HEADER), "  ".join("-" * w for w in widths), *(line(c) for c in cells)]) + "\n"
+    return "\n".join([line(HEADER), "  ".join("-" * w for w in widths), *(line(c) for c in cells), *notes]) + "\n"
+
+
+def _notes(report: Report) -> list[str]:
+    """What the reader must know: re-runs left out, rows without a comparable `full` baseline."""
+    out = []
+    n = sum(len(r.reruns) for r in report.rows)
+    if n:
+        out.append(f"Note: {n} re-run{'s' if n > 1 else ''} of a config and seed already in a row left out (the "
+                   "newest run of each seed counts, once).")
+    return out
 
 
 # --- figures ----------------------------------------------------------------------------------------------
@@ -413,7 +553,7 @@ def plot_freeze_timelines(report: Report) -> Any:
             if j >= len(rows):
                 ax.set_visible(False)
                 continue
-            run = report.runs_of(model, dataset, rows[j].policy)[0]
+            run = report.runs_of(rows[j])[0]
             draw_freeze_timeline(ax, run.unit_names, run.events, run.epochs or 1.0,
                                  title=f"{rows[j].policy}\n{model}/{dataset} s{run.seed}", legend=j == ncols - 1,
                                  labels=j == 0)
@@ -430,7 +570,7 @@ def plot_memory(report: Report) -> Any:
     for ax, (model, dataset) in zip(axes, groups):
         for row in (r for r in report.rows if (r.model, r.dataset) == (model, dataset)):
             series: dict[int, list[float]] = {}
-            for run in report.runs_of(model, dataset, row.policy):
+            for run in report.runs_of(row):
                 for step, v in run.memory:
                     series.setdefault(step, []).append(v)
             if series:
@@ -469,10 +609,9 @@ def plot_freeze_epochs(report: Report) -> Any:
                              gridspec_kw={"height_ratios": heights})
     for ax, (model, dataset) in zip(axes[:, 0], groups):
         rows = [r for r in report.rows if (r.model, r.dataset) == (model, dataset)]
-        runs0 = report.runs_of(model, dataset, rows[0].policy)
-        names = max((r.unit_names for rw in rows for r in report.runs_of(model, dataset, rw.policy)), key=len)
-        data = np.array([freeze_epochs(report.runs_of(model, dataset, r.policy), len(names)) for r in rows])
-        epochs = max((r.epochs for r in runs0), default=1.0) or 1.0
+        names = max((r.unit_names for rw in rows for r in report.runs_of(rw)), key=len)
+        data = np.array([freeze_epochs(report.runs_of(r), len(names)) for r in rows])
+        epochs = max((r.epochs for rw in rows for r in report.runs_of(rw)), default=1.0) or 1.0
         im = ax.imshow(np.ma.masked_invalid(data), aspect="auto", cmap="viridis", vmin=0, vmax=epochs)
         ax.set_yticks(range(len(rows)))
         ax.set_yticklabels([r.policy for r in rows], fontsize=8)
@@ -509,7 +648,8 @@ def write_report(report: Report, folder: str | Path) -> dict[str, Path]:
     for fmt, name in (("table", "table.txt"), ("md", "table.md"), ("csv", "table.csv"), ("html", "table.html")):
         files[name] = folder / name
         files[name].write_text(render(report, fmt))
-    data = {"title": report.title, "source": report.source, "rows": [asdict(r) for r in report.rows],
+    data = {"title": report.title, "source": report.source, "shared": report.shared,
+            "rows": [asdict(r) for r in report.rows],
             "runs": [{k: v for k, v in asdict(r).items() if k not in ("memory", "events", "unit_names")}
                      for r in report.runs]}
     files["report.json"] = folder / "report.json"
@@ -537,13 +677,14 @@ def _json_default(x: Any) -> Any:
     return str(x)
 
 
-def log_report(report: Report, folder: str | Path, experiment: str, uri: str | None = None, name: str = "report",
+def log_report(report: Report, folder: str | Path, experiment: str | None, uri: str | None = None, name: str = "report",
                tags: dict[str, str] | None = None) -> str:
     """Log the report folder as an MLflow run ``report-<name>`` (tag ``kind=report``); return its id."""
     client, uri = _client(uri)
+    experiment = experiment or "freezebench"  # a report over every experiment goes to freezebench's
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
-    note = (f"**{report.title}**: {len(report.runs)} runs, {len(report.rows)} (model, dataset, policy) groups, "
+    note = (f"**{report.title}**: {len(report.runs)} runs, {len(report.rows)} rows (one config each), "
             f"mean ± std over seeds; savings against `{BASELINE}`.\n\n" + render(report, "md"))
     all_tags = {"kind": "report", "mlflow.note.content": note, **(tags or {})}
     run = client.create_run(exp_id, run_name=f"report-{name}", tags=all_tags)
@@ -560,20 +701,18 @@ def log_report(report: Report, folder: str | Path, experiment: str, uri: str | N
     return run.info.run_id
 
 
-def compare(experiment: str = "freezebench", filter: str | None = None, uri: str | None = None,
+def compare(experiment: str | None = None, filter: str | None = None, uri: str | None = None,
             out: str | Path | None = None, name: str | None = None, log: bool = True, order: Sequence[str] | None = None,
             title: str | None = None, tags: dict[str, str] | None = None, progress: bool = False,
             vary: Sequence[str] = ()) -> tuple[Report, Path, str | None]:
     """Read the runs, build the report, write the folder and (``log``) log the ``report`` run."""
     from ..trainer.tracking import resolve_uri
 
-    name = name or experiment
-    runs = load_runs(experiment, filter, uri, details=True, progress=progress, vary=vary)
-    if not runs:
-        raise FreezebenchError(f"no finished training runs in experiment {experiment!r}"
-                               + (f" matching {filter!r}" if filter else ""))
-    report = build_report(runs, order=order, title=title or f"freezebench report: {name}",
-                          source={"experiment": experiment, "filter": filter, "tracking_uri": resolve_uri(uri)})
+    name = name or experiment or "all"
+    runs = load_runs(experiment, filter, uri, details=True, progress=progress)
+    report = build_report(runs, order=order, title=title or f"freezebench report: {name}", vary=vary,
+                          source={"experiment": experiment or "(all)", "filter": filter,
+                                  "tracking_uri": resolve_uri(uri)})
     folder = Path(out) if out else Path("outputs") / f"report-{_safe(name)}"
     write_report(report, folder)
     run_id = log_report(report, folder, experiment, uri, name=name, tags=tags) if log else None
@@ -589,16 +728,18 @@ def _safe(name: str) -> str:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """``freezebench compare`` (entry point in group ``freezebench.commands``)."""
     p = subparsers.add_parser("compare", help="compare policies from MLflow runs: paper-style table and figures")
-    p.add_argument("--experiment", "-e", default="freezebench", help="MLflow experiment (default: freezebench)")
+    p.add_argument("--experiment", "-e", default=None,
+                   help="MLflow experiment (default: every experiment, so `mlflow run .` runs in Default count)")
     p.add_argument("--filter", "-f", default=None,
                    help="MLflow search filter, e.g. \"tags.suite = 'table2_digits'\" or \"tags.model = 'resnet20'\"")
     p.add_argument("--format", default="table", choices=FORMATS, help="how to print the table (all are written)")
     p.add_argument("--out", "-o", default=None, help="report folder (default: outputs/report-<name>)")
-    p.add_argument("--name", default=None, help="report name: run report-<name> (default: the experiment)")
+    p.add_argument("--name", default=None, help="report name: run report-<name> (default: the experiment, or all)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
                    "sqlite:///mlflow.db)")
     p.add_argument("--vary", action="append", default=[], metavar="KEY",
-                   help="a config key that splits a policy's rows (e.g. policy.t0); repeatable")
+                   help="a config key always shown in the row labels (rows split by every differing key "
+                        "anyway); repeatable")
     p.add_argument("--no-log", action="store_true", help="write the folder only, log no report run")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.set_defaults(handler=cmd_compare)
@@ -610,5 +751,5 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(render(report, args.format), end="")
     print(f"\nreport ({len(report.runs)} runs) written to {folder}/ (index.html, table.*, figures)")
     if run_id:
-        print(f"logged as MLflow run {run_id} (report-{args.name or args.experiment})")
+        print(f"logged as MLflow run {run_id} (report-{args.name or args.experiment or 'all'})")
     return 0

@@ -64,6 +64,7 @@ from . import checkpoint as ckpt
 from . import distributed
 from .freezer import FreezeEvent, Freezer, param_groups
 from .hooks import CacheHook, Hook, PolicyHook, SieveHook, SparsityHook, StopSignalHook, TrackingHook, overrides
+from .identity import adopt_model
 from .state import EpochSums, TrainState
 from .tracking import NullTracker, check_reachable, make_tracker, resolve_uri
 
@@ -197,7 +198,11 @@ class Trainer:
             MODELS.get(cfg.model.name)  # clear error for unknown names before anything else
             model = build_model(cfg.model.name, num_classes=info.num_classes, in_channels=info.in_channels,
                                 image_size=info.image_size, pretrained=cfg.model.pretrained,
-                                checkpoint=cfg.model.checkpoint)
+                                checkpoint=cfg.model.checkpoint, reinit_head=cfg.model.reinit_head)
+            self.custom_model = False
+        else:  # a model passed in: named after itself, its checkpoint applied (freezebench.trainer.identity)
+            cfg = self.cfg = adopt_model(cfg, model)
+            self.custom_model = True
         self.model = model.to(self.device)
         self._channels_last = bool(tc.channels_last and self.device.type == "cuda")
         if self._channels_last:
@@ -768,6 +773,7 @@ class Trainer:
         return {
             "model_state": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "model_name": self.cfg.model.name,
+            "custom_model": self.custom_model,  # not a zoo model: the CKA oracle copies the trained model instead
             "num_classes": info.num_classes,
             "in_channels": info.in_channels,
             "image_size": info.image_size,

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import DatasetNotFoundError
+from ..errors import ConfigError, DatasetNotFoundError
 from ..registry import DATASETS
 from .sampling import EpochShuffle, epoch_seed
 
@@ -65,6 +65,7 @@ class TensorLoader:
         std: torch.Tensor | None = None,
         drop_last: bool = False,
         device: torch.device | str | None = None,
+        size: int | None = None,
     ):
         device = torch.device(device) if device is not None else x.device
         self.x = x.to(device)
@@ -78,6 +79,7 @@ class TensorLoader:
         self.drop_last = drop_last
         self.epoch = 0
         self.device = device
+        self.size = size  # resize every batch to size x size on the device (after augmentation); None: native
 
     def __len__(self) -> int:
         n = len(self.x)
@@ -99,6 +101,10 @@ class TensorLoader:
         xb = xb.float() / 255.0 if xb.dtype == torch.uint8 else xb.float()
         if self.augment and gen is not None:
             xb = random_crop_flip(xb, pad=4, gen=gen)
+        if self.size is not None and tuple(xb.shape[-2:]) != (self.size, self.size):
+            # bilinear, as torchvision's Resize on tensors: the paper fine-tunes at 224 px on 32 px CIFAR
+            xb = torch.nn.functional.interpolate(xb, size=(self.size, self.size), mode="bilinear",
+                                                 align_corners=False)
         if self.mean is not None:
             xb = (xb - self.mean) / self.std
         return xb
@@ -271,13 +277,31 @@ def _load_digits() -> tuple[np.ndarray, np.ndarray]:
 def _tensor_bundle(name: str, x: torch.Tensor, y: torch.Tensor, xv: torch.Tensor, yv: torch.Tensor,
                    num_classes: int, cfg: Any, seed: int, device: Any, augment: bool,
                    mean: torch.Tensor | None = None, std: torch.Tensor | None = None) -> DataBundle:
+    if cfg.classes is not None:
+        (x, y), (xv, yv) = (select_classes(a, b, list(cfg.classes), num_classes, name) for a, b in ((x, y), (xv, yv)))
+        num_classes = len(cfg.classes)
     if cfg.train_subset is not None:
         x, y = x[: cfg.train_subset], y[: cfg.train_subset]
-    info = DataInfo(name, num_classes, x.shape[1], x.shape[-1], len(x), len(xv), augment)
+    size = cfg.image_size
+    info = DataInfo(name, num_classes, x.shape[1], size or x.shape[-1], len(x), len(xv), augment)
     train = TensorLoader(x, y, cfg.batch_size, shuffle=True, seed=seed, augment=augment, mean=mean, std=std,
-                         device=device)
-    val = TensorLoader(xv, yv, cfg.eval_batch_size, shuffle=False, mean=mean, std=std, device=device)
+                         device=device, size=size)
+    val = TensorLoader(xv, yv, cfg.eval_batch_size, shuffle=False, mean=mean, std=std, device=device, size=size)
     return DataBundle(info, train, val)
+
+
+def select_classes(x: torch.Tensor, y: torch.Tensor, classes: list[int], num_classes: int,
+                   name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The samples of ``classes`` only, relabelled ``classes[i] -> i`` (``data.classes``: a class subset, e.g.
+    the source and target tasks of a transfer experiment). Unknown classes: :class:`ConfigError`."""
+    bad = [c for c in classes if not 0 <= int(c) < num_classes]
+    if bad:
+        raise ConfigError(f"data.classes names class {bad[0]} but {name} has classes 0..{num_classes - 1}")
+    lut = torch.full((num_classes,), -1, dtype=torch.long)
+    lut[torch.tensor([int(c) for c in classes])] = torch.arange(len(classes))
+    new = lut[y]
+    keep = new >= 0
+    return x[keep], new[keep]
 
 
 @DATASETS.register("digits")
@@ -377,6 +401,9 @@ def imagefolder(cfg: Any, *, seed: int, device: Any) -> DataBundle:
                 f"imagefolder needs {root.resolve() / split}/<class>/<image> folders; set data.root to a folder "
                 f"holding train/ and val/"
             )
+    if cfg.classes is not None:
+        raise ConfigError("data.classes works with the tensor datasets (digits, cifar10, cifar100, synthetic); for "
+                          "imagefolder keep only the wanted class folders under data.root")
     size = cfg.image_size or 224
     norm = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     if cfg.augment:

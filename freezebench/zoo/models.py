@@ -23,6 +23,10 @@ Small-input adaptations (``image_size <= 64``), the usual ones of the CIFAR lite
 * ``mobilenet_v2``: stride-1 stem conv;
 * ``deit_tiny``: a smaller patch (see :func:`deit_patch_size`).
 
+With ``pretrained=True`` none of these apply: the model keeps torchvision's ImageNet stem and classifier
+layout at any input size, so every pretrained tensor but the final classifier loads (anything else failing
+to load is an error, not a silent re-initialisation); 3-channel inputs only.
+
 Block structure: freezebench's "block" granularity treats the children of ``nn.Sequential`` /
 ``nn.ModuleList`` containers as blocks, so every model keeps its blocks in such containers (the ResNet
 stages, VGG/MobileNet ``features``, the ViT encoder layers, the ``tiny`` and ``mlp`` layers).
@@ -36,11 +40,13 @@ copied; the rest (replaced stem, head) are skipped and logged.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import math
 import os
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from urllib.parse import urlparse
 
 import torch
@@ -81,11 +87,44 @@ def _no_pretrained(name: str, pretrained: bool) -> None:
         )
 
 
+_ARCHITECTURE_ONLY = contextvars.ContextVar("freezebench_architecture_only", default=False)
+
+
+@contextlib.contextmanager
+def architecture_only() -> Iterator[None]:
+    """Within this block ``pretrained=True`` builds the pretrained architecture (the ImageNet stem) without
+    loading the weights: for counting FLOPs (``freezebench suite --plan``) on a machine without them."""
+    token = _ARCHITECTURE_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _ARCHITECTURE_ONLY.reset(token)
+
+
+def _pretrained_input(tv_name: str, in_channels: int) -> None:
+    """With ``pretrained=True`` the model keeps torchvision's ImageNet stem (3 input channels, its strides),
+    so every pretrained tensor but the classifier loads; other inputs cannot take that stem."""
+    if in_channels != 3:
+        raise ConfigError(f"model {tv_name!r} with pretrained=true needs 3-channel images (its ImageNet stem), "
+                          f"the data has {in_channels}; use RGB data or pretrained=false")
+
+
+def head_name(model: nn.Module) -> str:
+    """Qualified name of the classifier head: the last ``nn.Linear`` in module order (``fc``, ``heads.head``,
+    ``classifier.6``). :class:`ConfigError` when the model has none."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise ConfigError(f"{type(model).__name__} has no nn.Linear classifier head to re-initialise")
+    return names[-1]
+
+
 def _load_pretrained(model: nn.Module, tv_name: str) -> None:
     """Copy torchvision's DEFAULT ImageNet weights for ``tv_name`` into ``model`` where names and shapes match.
 
     Reads the torch hub cache only, unless ``FREEZEBENCH_ALLOW_DOWNLOAD=1`` allows a download.
     """
+    if _ARCHITECTURE_ONLY.get():
+        return
     import torchvision  # here, not at the top: `import torchvision` is slow and the CIFAR nets need none
     weights = torchvision.models.get_model_weights(tv_name).DEFAULT
     hub_dir = torch.hub.get_dir()
@@ -118,8 +157,12 @@ def _load_pretrained(model: nn.Module, tv_name: str) -> None:
         logger.info("%s: skipped pretrained tensors (name or shape differs): %s", tv_name, ", ".join(skipped))
     if not_loaded:
         logger.info("%s: tensors left at their initial values: %s", tv_name, ", ".join(not_loaded))
-    if not matched:
-        logger.warning("%s: no pretrained tensor matched the model; it stays randomly initialised", tv_name)
+    head = head_name(model) + "."
+    stem_or_body = [k for k in not_loaded if not k.startswith(head)]
+    if stem_or_body:  # only the classifier may stay new: anything else is not "fine-tuning a pretrained model"
+        more = f", ... ({len(stem_or_body)} in all)" if len(stem_or_body) > 4 else ""
+        raise FreezebenchError(f"pretrained {tv_name} weights do not fit this model's {', '.join(stem_or_body[:4])}"
+                               f"{more}: only the classifier head may differ")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -237,7 +280,9 @@ def _torchvision_resnet(
 ) -> nn.Module:
     import torchvision  # here, not at the top: `import torchvision` is slow and the CIFAR nets need none
     model = getattr(torchvision.models, tv_name)(weights=None, num_classes=num_classes)
-    if image_size <= SMALL_INPUT_MAX:
+    if pretrained:  # the ImageNet stem, so that the pretrained weights load whole (conv1 included)
+        _pretrained_input(tv_name, in_channels)
+    elif image_size <= SMALL_INPUT_MAX:
         model.conv1 = _kaiming_conv(nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False))
         model.maxpool = nn.Identity()
     elif in_channels != 3:
@@ -287,6 +332,8 @@ def vgg11_bn(*, num_classes: int, in_channels: int = 3, image_size: int = 32, pr
         first = model.features[0]
         if in_channels != first.in_channels:
             model.features[0] = nn.Conv2d(in_channels, first.out_channels, 3, padding=1)
+        if pretrained:
+            _pretrained_input("vgg11_bn", in_channels)
         size = image_size
         for i, layer in enumerate(model.features):
             if isinstance(layer, nn.MaxPool2d):
@@ -294,7 +341,7 @@ def vgg11_bn(*, num_classes: int, in_channels: int = 3, image_size: int = 32, pr
                     model.features[i] = nn.Identity()
                 else:
                     size //= 2
-        if image_size <= SMALL_INPUT_MAX:
+        if image_size <= SMALL_INPUT_MAX and not pretrained:  # pretrained: ImageNet's classifier, loaded
             model.avgpool = nn.AdaptiveAvgPool2d(1)
             model.classifier = nn.Linear(512, num_classes)
     model.to_empty(device="cpu")
@@ -323,7 +370,9 @@ def mobilenet_v2(
     import torchvision  # here, not at the top: `import torchvision` is slow and the CIFAR nets need none
     model = torchvision.models.mobilenet_v2(weights=None, num_classes=num_classes)
     stem: nn.Conv2d = model.features[0][0]
-    stride = 1 if image_size <= SMALL_INPUT_MAX else 2
+    if pretrained:
+        _pretrained_input("mobilenet_v2", in_channels)
+    stride = 1 if image_size <= SMALL_INPUT_MAX and not pretrained else 2
     if in_channels != stem.in_channels or stride != stem.stride[0]:
         model.features[0][0] = _kaiming_conv(
             nn.Conv2d(in_channels, stem.out_channels, 3, stride=stride, padding=1, bias=False)
@@ -419,7 +468,13 @@ def list_models() -> list[str]:
     return MODELS.names()
 
 
-def _load_checkpoint(model: nn.Module, name: str, path: str) -> None:
+def load_checkpoint(model: nn.Module, name: str, path: str, reinit_head: bool = False) -> None:
+    """Load a freezebench checkpoint or a state dict into ``model``; ``reinit_head``: all but the classifier head
+    (:func:`head_name`), which keeps its fresh initialisation (a new task's head). The rest must fit exactly."""
+    _load_checkpoint(model, name, os.fspath(path), reinit_head)
+
+
+def _load_checkpoint(model: nn.Module, name: str, path: str, reinit_head: bool = False) -> None:
     from ..fileio import read_pt
 
     try:
@@ -442,6 +497,17 @@ def _load_checkpoint(model: nn.Module, name: str, path: str) -> None:
         )
 
     own = model.state_dict()
+    head = head_name(model) + "."
+    if reinit_head:  # a new head: neither loaded nor compared
+        own = {k: v for k, v in own.items() if not k.startswith(head)}
+        state = {k: v for k, v in state.items() if not k.startswith(head)}
+    else:
+        heads = [k for k in own if k.startswith(head) and k in state and state[k].shape != own[k].shape]
+        if heads and all(state[k].shape[1:] == own[k].shape[1:] for k in heads):
+            k = heads[0]
+            raise FreezebenchError(
+                f"model checkpoint {path!r} has a head of {state[k].shape[0]} outputs ({k}), the model "
+                f"{own[k].shape[0]}: set model.reinit_head=true to fine-tune with a new head")
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong_shape = [
@@ -459,8 +525,8 @@ def _load_checkpoint(model: nn.Module, name: str, path: str) -> None:
                 more = f", ... ({len(keys)} in all)" if len(keys) > 5 else ""
                 parts.append(f"{label}: {', '.join(keys[:5])}{more}")
         raise FreezebenchError(f"model checkpoint {path!r} does not fit model {name!r}: " + "; ".join(parts))
-    model.load_state_dict(state)
-    logger.info("loaded model weights for %r from %s", name, path)
+    model.load_state_dict(state, strict=not reinit_head)
+    logger.info("loaded model weights for %r from %s%s", name, path, " (new head)" if reinit_head else "")
 
 
 def build_model(
@@ -471,6 +537,7 @@ def build_model(
     image_size: int,
     pretrained: bool = False,
     checkpoint: str | None = None,
+    reinit_head: bool = False,
 ) -> nn.Module:
     """Build the registered model ``name`` and optionally load weights.
 
@@ -486,5 +553,5 @@ def build_model(
             raise ConfigError(f"model {name!r}: {arg} must be a positive integer, got {value!r}")
     model = factory(num_classes=num_classes, in_channels=in_channels, image_size=image_size, pretrained=pretrained)
     if checkpoint is not None:
-        _load_checkpoint(model, name, os.fspath(checkpoint))
+        _load_checkpoint(model, name, os.fspath(checkpoint), reinit_head)
     return model
