@@ -14,6 +14,7 @@ from torch import nn
 from freezebench.cli import main
 from freezebench.config import load_config
 from freezebench.errors import ConfigError, FreezebenchError
+from freezebench.trainer.hooks import TrackingHook
 from freezebench.zoo.data import build_data
 from freezebench.zoo.models import build_model
 
@@ -50,7 +51,7 @@ def test_passed_model_is_named_tagged_and_checkpointed_as_itself(mlflow_uri, tmp
     assert payload["model_name"] == "SmallNet" and payload["custom_model"] is True
     # a name the user gives: free text, no registry needed
     t2 = _train(["trainer.epochs=1", "model.name='my net v2'", "tracking.enabled=false"], SmallNet())
-    assert t2.run_name == "full-my net v2-synthetic-s0" and t2.tags()["model"] == "my net v2"
+    assert t2.run_name == "full-my net v2-synthetic-s0" and TrackingHook.tags(t2)["model"] == "my net v2"
 
 
 def test_checkpoint_applied_to_a_passed_model_and_pretrained_refused(tmp_path):
@@ -71,7 +72,7 @@ def test_cka_oracle_builds_its_reference_from_a_passed_model(mlflow_uri, tmp_pat
     ref_state = torch.load(ref.checkpoint, weights_only=True)["model_state"]
     template = SmallNet()
     before = {k: v.clone() for k, v in template.state_dict().items()}
-    t = _train([f"policy.reference={ref.checkpoint}", "policy.window=2", "policy.checks_per_epoch=2",
+    t = _train([f"policy.reference={ref.checkpoint}", "policy.window_epochs=0.5", "policy.checks_per_epoch=2",
                 "trainer.epochs=2"], template, policy="cka_oracle")
     model, units = build_reference(ref.checkpoint, t.units, "cpu", template=template)
     assert type(model) is SmallNet and model is not template
