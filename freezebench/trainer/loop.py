@@ -38,6 +38,7 @@ from . import distributed
 from ..config import flatten, to_yaml
 from ..cost import CostModel
 from ..zoo.data import DataBundle, build_data
+from ..features import compile as compiling
 from ..features.cache import PrefixCache
 from ..errors import ConfigError, NonFiniteLossError, TrainingInterrupted
 from ..fileio import atomic_torch_save
@@ -196,6 +197,7 @@ class Trainer:
         self._resumed = self._load_resume()  # may set tracking.run_id: a resumed run continues its MLflow run
         self.tracker: NullTracker = make_tracker(cfg.tracking) if self.rank == 0 else NullTracker()
         self.cache: PrefixCache | None = self._build_cache()
+        self.compiler = compiling.attach(self)  # trainer.compile: one graph per frozen set (None when off)
 
     # --- names ---------------------------------------------------------------------------------------
     @property
@@ -270,7 +272,7 @@ class Trainer:
         """The model's training forward pass; through the frozen-prefix cache when there is one, which also
         sets ``step_cost`` to this step's FLOPs per sample (skipped prefix forwards are not counted)."""
         if self.cache is None:
-            return self.train_model(x)
+            return self.train_model(x) if self.compiler is None else self.compiler(self.train_model)(x)
         out = self.cache.forward(x, idx, self.freezer.frozen)
         self.step_cost = self.cache.last_flops_per_sample
         return out
@@ -385,6 +387,8 @@ class Trainer:
         finally:
             torch.set_flush_denormal(False)
             restore_handlers()
+            if self.compiler is not None:
+                self.compiler.close()
         self.tracker.finish("FINISHED")
         return result
 
@@ -497,6 +501,7 @@ class Trainer:
             train_loss = loss_sum.item() / max(samples, 1)
             self._check_finite(torch.tensor(train_loss))
             policy_s = self.policy_time - policy_before
+            compile_s = self.compiler.take_compile_seconds() if self.compiler is not None else 0.0
             last = epoch == plan.epochs - 1
             t1 = time.perf_counter()
             if last or (tc.eval_every and (epoch + 1) % tc.eval_every == 0):
@@ -510,7 +515,7 @@ class Trainer:
                 "val/loss": val_loss,
                 "val/acc": val_acc,
                 "time/epoch_s": t_loop + eval_s,
-                "time/train_s": t_loop - policy_s,
+                "time/train_s": t_loop - policy_s - compile_s,
                 "time/eval_s": eval_s,
                 "time/policy_s": policy_s,
                 "cost/tflops": tflops,
@@ -527,6 +532,8 @@ class Trainer:
             m.update({f"policy/{k}": float(v) for k, v in self.policy.epoch_metrics().items()})
             if self.cache is not None:
                 m.update(self.cache.metrics())
+            if self.compiler is not None:
+                m.update(self.compiler.metrics(compile_s))
             m = {k: v for k, v in m.items() if not (isinstance(v, float) and math.isnan(v))}
             history.append(m)
             self.tracker.log_metrics(m, step=epoch + 1)
