@@ -171,3 +171,31 @@ def test_compile_config_is_validated(tiny_overrides):
         Trainer(_cfg(tiny_overrides, "trainer.compile=true", "trainer.compile_backend=nonsense"))
     with pytest.raises(ConfigError, match="compile_mode"):
         _cfg(tiny_overrides, "trainer.compile=true", "trainer.compile_mode=fast")
+
+
+@pytest.mark.parametrize("isolate", [True, False], ids=["isolated-regions", "shared-cache"])
+def test_more_frozen_sets_than_dynamos_default_cache(isolate, monkeypatch):
+    """12 frozen sets (more than dynamo's default recompile_limit of 8) compile 12 times and never fall
+    back; ``shared-cache`` is the path for torch < 2.14, where the one cache is sized for the freeze events."""
+    import freezebench.features.compile as fc
+    import torch._dynamo.config as dcfg
+
+    monkeypatch.setattr(fc, "_ISOLATES", isolate)
+    model = nn.Sequential(*[nn.Linear(3, 3) for _ in range(12)])
+    freezer = _Freezer()
+    ct = CompiledTraining(freezer, backend="eager")
+    x = torch.randn(2, 3)
+    try:
+        with dcfg.patch(recompile_limit=8, accumulated_recompile_limit=256):  # the defaults, restored after
+            for i in range(12):
+                if i:
+                    model[i - 1].requires_grad_(False)
+                    freezer.frozen = set(range(i))
+                    freezer.events.append(object())
+                model.zero_grad(set_to_none=True)
+                ct(model)(x).sum().backward()
+                assert all(p.grad is None for p in model[:i].parameters())  # the frozen ones got no gradient
+                assert all(p.grad is not None for p in model[i:].parameters())
+        assert ct.compiles == 12 and ct.recompiles == 11 and ct.fallbacks == 0 and ct.shape_recompiles == 0
+    finally:
+        ct.close()

@@ -13,6 +13,8 @@ frozen weights' gradients. Done naively, this has three pitfalls, which this mod
   region (``torch.compile(..., isolate_recompiles=True)``, torch >= 2.14), so a region's cache holds the one
   graph for its frozen set (plus at most a shape specialisation), and the old regions of a policy that never
   unfreezes are dropped. The global ``accumulated_recompile_limit`` is raised when the run's regions need it.
+  (Before torch 2.14 regions share the code object's cache, and ``recompile_limit`` is raised by a region's
+  allowance at every new frozen set instead: the cache is sized for the run's freeze events.)
   If dynamo falls back anyway (a frame it cannot compile, a limit hit), :class:`CompiledTraining` logs a
   warning and counts it in ``compile/fallbacks``; graph breaks are counted in ``compile/graph_breaks``.
 * **Recompiling more than needed.** A region is keyed by the frozen set, so compilation happens only when the
@@ -36,6 +38,7 @@ batch, at most one per region once dynamo makes the batch dimension dynamic), ``
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
@@ -54,6 +57,9 @@ MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagrap
 # graphs one region may hold: its frozen set's graph and a recompile for a dynamic batch dimension (a last
 # batch of another size); more means something other than freezing and shapes is failing the guards
 REGION_RECOMPILE_LIMIT = 4
+# torch.compile(recompile_limit=, isolate_recompiles=) arrived in torch 2.14; before, all regions share one
+# cache per code object, and the global recompile_limit is sized for the run's frozen sets instead
+_ISOLATES = {"recompile_limit", "isolate_recompiles"} <= set(inspect.signature(torch.compile).parameters)
 
 
 def _counters() -> Any:
@@ -83,22 +89,27 @@ class _CompileClock:
     compiles are not counted twice."""
 
     def __init__(self) -> None:
-        from torch._dynamo.callback import CallbackTrigger, callback_handler
+        from torch._dynamo.callback import callback_handler
 
+        try:
+            from torch._dynamo.callback import CallbackTrigger
+
+            self._dynamo: Any = CallbackTrigger.DYNAMO
+        except ImportError:  # older torch: callbacks without a trigger; every start is a frame compile
+            self._dynamo = None
         self._handler = callback_handler
-        self._dynamo = CallbackTrigger.DYNAMO
         self._lock = threading.Lock()
         self.seconds = 0.0
         self.frame_compiles = 0
         self._t0: float | None = None
         me = weakref.ref(self)  # the global handler must not keep a finished trainer's clock alive
 
-        def start(args: Any) -> None:
+        def start(*args: Any) -> None:
             clock = me()
             if clock is not None:
-                clock._start(args)
+                clock._start(args[0] if args else None)
 
-        def end(args: Any) -> None:
+        def end(*args: Any) -> None:
             clock = me()
             if clock is not None:
                 clock._end()
@@ -110,7 +121,7 @@ class _CompileClock:
     def _start(self, args: Any) -> None:
         with self._lock:
             self._t0 = time.perf_counter()
-            if args.callback_trigger == self._dynamo:
+            if self._dynamo is None or getattr(args, "callback_trigger", self._dynamo) == self._dynamo:
                 self.frame_compiles += 1
 
     def _end(self) -> None:
@@ -187,8 +198,9 @@ class CompiledTraining:
             self._regions = {k: v for k, v in self._regions.items() if k[1] == frozen}
             self._modules = {i: m for i, m in self._modules.items() if any(k[0] == i for k in self._regions)}
         self._size_global_cache()
+        isolate = {"recompile_limit": REGION_RECOMPILE_LIMIT, "isolate_recompiles": True} if _ISOLATES else {}
         compiled = torch.compile(module, backend=self.backend, mode=self.mode, fullgraph=self.fullgraph,
-                                 recompile_limit=REGION_RECOMPILE_LIMIT, isolate_recompiles=True)
+                                 **isolate)
         fn = self._counted(compiled)
         self._regions[key] = fn
         self._modules[id(module)] = module
@@ -202,6 +214,11 @@ class CompiledTraining:
         need = (self.regions_built + 2) * REGION_RECOMPILE_LIMIT + 64
         if dcfg.accumulated_recompile_limit < need:
             dcfg.accumulated_recompile_limit = need
+        if not _ISOLATES:  # one shared cache per code object: room for every region's graphs
+            name = "recompile_limit" if hasattr(dcfg, "recompile_limit") else "cache_size_limit"
+            shared = (self.regions_built + 1) * REGION_RECOMPILE_LIMIT
+            if getattr(dcfg, name) < shared:
+                setattr(dcfg, name, shared)
 
     def _counted(self, compiled: Callable[..., Any]) -> Callable[..., Any]:
         clock = self._clock
