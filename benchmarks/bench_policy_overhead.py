@@ -2,6 +2,8 @@
 
     python benchmarks/bench_policy_overhead.py                     # resnet20 on the digits, 3 epochs
     python benchmarks/bench_policy_overhead.py --epochs 2 --policies autofreeze,svcca
+    python benchmarks/bench_policy_overhead.py --device cuda --model resnet50 --policies smartfrz,autofreeze \
+        --set data.name=synthetic --set data.synthetic_size=224 --set trainer.precision=bf16   # GPU
 
 Each policy trains the same model from the same seed on the embedded digits with tracking off. The trainer
 times everything a policy costs (its signals, ``observe``, ``decide`` and the freezing itself) as
@@ -30,10 +32,14 @@ from freezebench.registry import POLICIES
 from freezebench.trainer import Trainer
 
 
+SETTINGS: list[str] = []  # --set overrides, applied to every run
+DEVICE = "cpu"
+
+
 def run(policy: str, model: str, epochs: int, extra: list[str], outdir: str) -> dict:
     cfg = load_config([f"policy={policy}", f"model.name={model}", f"trainer.epochs={epochs}",
                        "tracking.enabled=false", "trainer.progress=false", f"trainer.output_dir={outdir}",
-                       "trainer.device=cpu", *extra])
+                       f"trainer.device={DEVICE}", *SETTINGS, *extra])
     tr = Trainer(cfg)
     res = tr.fit()
     train_s = sum(h["time/train_s"] for h in res.history)
@@ -56,7 +62,13 @@ def main() -> None:
     ap.add_argument("--model", default="resnet20")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--policies", default="", help="comma-separated (default: every registered policy)")
+    ap.add_argument("--device", default="cpu", help="trainer.device (cpu | cuda | cuda:N)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra config override for every run (repeatable), e.g. --set data.name=synthetic")
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = args.device
+    SETTINGS[:] = args.set
     names = [p for p in args.policies.split(",") if p] or POLICIES.names()
     outdir = tempfile.mkdtemp(prefix="fb-overhead-")
     rows = []
@@ -87,10 +99,12 @@ def main() -> None:
     result = {
         "benchmark": "policy_overhead",
         "model": args.model,
-        "dataset": "digits",
+        "dataset": next((s.split("=", 1)[1] for s in args.set if s.startswith("data.name=")), "digits"),
+        "overrides": args.set,
         "epochs": args.epochs,
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "platform": platform.platform(),
-                    "python": sys.version.split()[0], "device": "cpu"},
+                    "python": sys.version.split()[0], "device": args.device,
+                    "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"},
         "rows": rows,
         "skipped": skipped,
     }
