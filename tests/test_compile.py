@@ -199,3 +199,38 @@ def test_more_frozen_sets_than_dynamos_default_cache(isolate, monkeypatch):
         assert ct.compiles == 12 and ct.recompiles == 11 and ct.fallbacks == 0 and ct.shape_recompiles == 0
     finally:
         ct.close()
+
+
+# every registered policy under trainer.compile, with the contract test's settings (dynamo with the eager
+# backend: the guards, regions and recompiles of inductor, without generating code)
+from test_contract import SETTINGS, reference_checkpoint  # noqa: E402,F401 - the fixture is used below
+from freezebench.registry import POLICIES  # noqa: E402
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", POLICIES.names())
+def test_every_policy_trains_compiled(name, tiny_overrides, reference_checkpoint, always_freeze_predictor):
+    setting = SETTINGS[name]
+    overrides = [o.replace("{reference}", reference_checkpoint).replace("{weights}", always_freeze_predictor)
+                 for o in setting["overrides"]]
+    trainer = Trainer(_cfg(tiny_overrides, f"policy={name}", *overrides, "trainer.compile=true",
+                           "trainer.compile_backend=eager"))
+    at_freeze: dict[int, list[torch.Tensor]] = {}
+    freeze = trainer.freezer.freeze
+
+    def spy(indices, step, epoch, reason=""):
+        events = freeze(indices, step, epoch, reason)
+        for ev in events:
+            at_freeze[ev.unit] = [p.detach().clone() for p in trainer.units[ev.unit].parameters]
+        return events
+
+    trainer.freezer.freeze = spy
+    result = trainer.fit()
+    assert bool(trainer.freezer.frozen) == setting["freezes"]
+    for i in trainer.freezer.frozen:
+        assert all(torch.equal(a, b) for a, b in zip(at_freeze[i], trainer.units[i].parameters))
+    last = result.history[-1]
+    changes = len({e.step for e in trainer.freezer.events})  # decisions that changed the frozen set
+    assert last["compile/fallbacks"] == 0
+    assert 1 <= last["compile/compiles"] and last["compile/recompiles"] <= changes
+    assert all(torch.isfinite(torch.tensor(v)) for v in result.metrics.values())
