@@ -115,6 +115,7 @@ class TrainerConfig:
     compile: bool = False  # torch.compile the training forward, one graph per frozen set (freezebench.features.compile)
     compile_backend: str = "inductor"  # torch.compile backend: inductor | aot_eager | eager (dynamo only) | ...
     compile_mode: str = "default"  # inductor mode: default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
+    grad_norm_metric: bool = False  # log train/grad_norm: the mean L2 norm of each step's gradients over the epoch
 
 
 @dataclass

@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..trainer.hooks import Hook
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +168,7 @@ class CompiledTraining:
         self._failed0 = _failed_frames()
         self._breaks0 = _graph_breaks()
         self._seconds_taken = 0.0
+        self.epoch_compile_s = 0.0  # what the last take_compile_seconds() returned (the epoch's compile time)
 
     # --- the hot path -------------------------------------------------------------------------------------
     def __call__(self, module: nn.Module) -> Callable[..., Any]:
@@ -257,6 +259,7 @@ class CompiledTraining:
         """Compile seconds since the last call (the trainer takes them out of the epoch's training time)."""
         total = self._clock.seconds
         new, self._seconds_taken = total - self._seconds_taken, total
+        self.epoch_compile_s = new
         return new
 
     @property
@@ -277,6 +280,23 @@ class CompiledTraining:
         self._regions.clear()
         self._modules.clear()
         self._last = (None, None, None)
+
+
+class CompileHook(Hook):
+    """The trainer's hook for ``trainer.compile``: the compile metrics of every epoch, and the compile
+    callbacks removed when the fit ends. (The loop itself calls :class:`CompiledTraining` for the training
+    forward and takes the epoch's compile seconds out of ``time/train_s``.)"""
+
+    name = "compile"
+
+    def __init__(self, compiled: CompiledTraining):
+        self.compiled = compiled
+
+    def epoch_metrics(self) -> dict[str, float]:
+        return self.compiled.metrics(self.compiled.epoch_compile_s)
+
+    def on_fit_end(self, trainer: Any, result: Any, error: BaseException | None) -> None:
+        self.compiled.close()
 
 
 def check_backend(backend: str, mode: str) -> None:

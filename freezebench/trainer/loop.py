@@ -20,11 +20,11 @@ import random
 import resource
 import signal
 import sys
-import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -43,6 +43,7 @@ from ..features.cache import PrefixCache
 from ..errors import ConfigError, NonFiniteLossError, TrainingInterrupted
 from ..fileio import atomic_torch_save
 from .freezer import FreezeEvent, Freezer, param_groups
+from .hooks import CacheHook, Hook, PolicyHook, SieveHook, SparsityHook, StopSignalHook, TrackingHook, overrides
 from ..policy import Decision, FreezePolicy, Plan, Signal, Signals
 from ..registry import MODELS, POLICIES
 from ..features.sieve import sieve_data
@@ -119,11 +120,12 @@ class Trainer:
     """Builds model, data, policy and tracking from a config and trains.
 
     ``model``, ``data`` and ``policy`` may be passed in to override what the config would build (tests,
-    benchmarks, library use).
+    benchmarks, library use); ``hooks`` are extra :class:`freezebench.trainer.hooks.Hook` s, run after the
+    built-in ones in their order.
     """
 
     def __init__(self, cfg: DictConfig, *, model: torch.nn.Module | None = None, data: DataBundle | None = None,
-                 policy: FreezePolicy | None = None):
+                 policy: FreezePolicy | None = None, hooks: Sequence[Hook] = ()):
         self.cfg = cfg
         tc = cfg.trainer
         self.dist = distributed.from_env()  # under torchrun: data parallel (freezebench.trainer.distributed)
@@ -194,10 +196,33 @@ class Trainer:
         self._stop_signal: int | None = None  # set by SIGTERM/SIGINT: checkpoint at the next step boundary, stop
         self._pending_rng: dict[str, Any] | None = None  # random states to restore when the resumed loop starts
         self._final_accounting: dict[str, Any] | None = None
-        self._resumed = self._load_resume()  # may set tracking.run_id: a resumed run continues its MLflow run
-        self.tracker: NullTracker = make_tracker(cfg.tracking) if self.rank == 0 else NullTracker()
         self.cache: PrefixCache | None = self._build_cache()
         self.compiler = compiling.attach(self)  # trainer.compile: one graph per frozen set (None when off)
+        self.hooks: list[Hook] = self._build_hooks(hooks)
+        self._resumed = self._load_resume()  # may set tracking.run_id: a resumed run continues its MLflow run
+        self.tracker: NullTracker = make_tracker(cfg.tracking) if self.rank == 0 else NullTracker()
+
+    def _build_hooks(self, extra: Sequence[Hook]) -> list[Hook]:
+        """The built-in hooks (see :mod:`freezebench.trainer.hooks` for their order), then ``extra``."""
+        from ..features.grad_norm import GradNormHook
+
+        hooks: list[Hook | None] = [
+            TrackingHook(),
+            StopSignalHook(),
+            SparsityHook(self.sparsity) if self.sparsity is not None else None,
+            SieveHook(self.sieve) if self.sieve is not None else None,
+            PolicyHook(self.policy),
+            CacheHook(self.cache) if self.cache is not None else None,
+            compiling.CompileHook(self.compiler) if self.compiler is not None else None,
+            GradNormHook.from_trainer(self),
+            *extra,
+        ]
+        out = [h for h in hooks if h is not None]
+        names = [h.name for h in out]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ConfigError(f"two trainer hooks are named {dup[0]!r}; give each hook its own name")
+        return out
 
     # --- names ---------------------------------------------------------------------------------------
     @property
@@ -325,7 +350,15 @@ class Trainer:
             self._set_lr(step)
         return events
 
-    def _policy_tick(self, step: int, losses: torch.Tensor, idx: torch.Tensor) -> None:
+    def initial_decision(self) -> None:
+        """A decision before the first step (static freezing at step 0, schedules that start frozen)."""
+        if self._resumed is None and self.policy.decide_at(0):
+            t0 = time.perf_counter()
+            self.apply(self._decide(0), 0)
+            self.policy_time += time.perf_counter() - t0
+
+    def policy_tick(self, step: int, losses: torch.Tensor, idx: torch.Tensor) -> None:
+        """After optimiser step ``step``: the policy observes and decides when it asked to (timed as policy)."""
         obs = self.policy.observe_at(step)
         dec = self.policy.decide_at(step)
         if not (obs or dec):
@@ -367,32 +400,46 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------------------
     def fit(self) -> RunResult:
-        """Train, tracking the run in MLflow (marked FAILED if anything raises)."""
-        self.tracker.start(self.run_name, self.tags())
-        restore_handlers = self._install_signal_handlers()
+        """Train: every hook's ``on_fit_start``, the epochs, the final checkpoint, every hook's ``on_fit_end``
+        (in reverse order, also when something raised: the tracking hook then marks the run FAILED/KILLED)."""
         # denormal floats make CPU kernels up to 100x slower once gradients get tiny late in training;
         # flushing them is process-wide state, so it is switched back off when the fit ends
         torch.set_flush_denormal(True)
+        started: list[Hook] = []
+        result: RunResult | None = None
+        error: BaseException | None = None
         try:
-            self._log_start()
+            self._t_start = time.perf_counter()
+            for h in self.hooks:
+                started.append(h)
+                h.on_fit_start(self)
             result = self._fit()
-            if self.rank == 0:
-                self._log_end(result)
             self._save_final_state()
         except BaseException as e:
-            if self.tracker.run_id:
-                self.tracker.set_tags({"error": f"{type(e).__name__}: {str(e)[:400]}"})
-            self.tracker.finish("KILLED" if isinstance(e, (KeyboardInterrupt, TrainingInterrupted)) else "FAILED")
+            error = e
             raise
         finally:
             torch.set_flush_denormal(False)
-            restore_handlers()
-            if self.compiler is not None:
-                self.compiler.close()
-        self.tracker.finish("FINISHED")
+            self._end_hooks(started, result, error)
         return result
 
-    def _log_start(self) -> None:
+    def _end_hooks(self, started: list[Hook], result: RunResult | None, error: BaseException | None) -> None:
+        """``on_fit_end`` of every started hook, last first. All run; when the fit itself succeeded, the first
+        hook error is raised after them (the hooks after it see it as the fit's error)."""
+        original, first = error, None
+        for h in reversed(started):
+            try:
+                h.on_fit_end(self, result, error)
+            except BaseException as e:
+                if first is None:
+                    first = e
+                if error is None:  # e.g. the tracking hook then marks the run FAILED
+                    error, result = e, None
+        if original is None and first is not None:
+            raise first
+
+    def log_start(self) -> None:
+        """Parameters, config and unit table to the tracker (the tracking hook's start)."""
         self.tracker.log_params({**flatten(self.cfg), "units.count": len(self.units),
                                  "units.params": self.partition.total_params,
                                  "units.gflops_per_sample_full": self.cost.full_step_flops / 1e9})
@@ -410,14 +457,9 @@ class Trainer:
         full_cost = self.dense_full_step_flops  # dense and unfrozen: what `full` training spends per sample
         tflops = tflops_full = 0.0
         history: list[dict[str, float]] = []
-        t_start = time.perf_counter()
+        t_start = self._t_start
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        # a decision before the first step (static freezing at step 0, schedules that start frozen)
-        if self._resumed is None and self.policy.decide_at(0):
-            t0 = time.perf_counter()
-            self.apply(self._decide(0), 0)
-            self.policy_time += time.perf_counter() - t0
         if self.dist is not None and self.train_model is self.model:
             self._wrap_ddp()
         from tqdm.auto import tqdm
@@ -426,6 +468,8 @@ class Trainer:
         # config values read in the step loop, copied once (an OmegaConf attribute read costs ~10 us)
         channels_last = tc.channels_last and self.device.type == "cuda"
         check_every = tc.check_finite_every
+        step_hooks = [h.after_step for h in self.hooks if overrides(h, "after_step")]  # built once: no per-step cost
+        epoch_hooks = [h for h in self.hooks if overrides(h, "on_epoch_end")]
         start_epoch = 0
         if self._resumed is not None:  # continue where the checkpoint left off
             acc = self._resumed["accounting"]
@@ -473,10 +517,6 @@ class Trainer:
                     loss.backward()
                     self.optimizer.step()
                 self.step += 1
-                if self.sparsity is not None:
-                    self.sparsity.after_step(self.step)  # masked weights and their optimiser state back to 0
-                if self.sieve is not None:
-                    self.sieve.record(idx, losses.detach())  # per-sample losses of this forward, for sieving
                 n = len(y)
                 samples += n
                 loss_sum += losses.detach().sum()
@@ -485,7 +525,8 @@ class Trainer:
                 if self.step % check_every == 0:
                     self._check_finite(loss)
                     bar.set_postfix(loss=f"{loss.item():.3f}", frozen=len(self.freezer.frozen), refresh=False)
-                self._policy_tick(self.step, losses, idx)
+                for after_step in step_hooks:  # sparsity, sieve, the policy tick, ... (freezebench.trainer.hooks)
+                    after_step(self, self.step, losses, idx)
                 bar.update(1)
                 if self._should_stop():
                     part = {"samples": samples, "flops_epoch": flops_epoch, "loss_sum": loss_sum.detach().cpu(),
@@ -527,16 +568,12 @@ class Trainer:
                 "lr": self.current_lr_factor * self.cfg.optim.lr,
                 "data/samples_per_epoch": float(samples),
             }
-            if self.sparsity is not None:
-                m["sparsity/density"] = self.sparsity.density()
-            m.update({f"policy/{k}": float(v) for k, v in self.policy.epoch_metrics().items()})
-            if self.cache is not None:
-                m.update(self.cache.metrics())
-            if self.compiler is not None:
-                m.update(self.compiler.metrics(compile_s))
+            for h in self.hooks:
+                m.update(h.epoch_metrics())
             m = {k: v for k, v in m.items() if not (isinstance(v, float) and math.isnan(v))}
             history.append(m)
-            self.tracker.log_metrics(m, step=epoch + 1)
+            for h in epoch_hooks:  # tracking logs m
+                h.on_epoch_end(self, epoch, m)
             if bar_enabled:
                 tqdm.write(
                     f"epoch {epoch + 1:>3}/{plan.epochs}  loss {train_loss:.4f}  val/acc {val_acc:.4f}  "
@@ -676,6 +713,11 @@ class Trainer:
         """Stop at the next step boundary after writing a checkpoint (what SIGTERM and SIGINT do)."""
         self._stop_signal = int(signum)
 
+    @property
+    def stop_requested(self) -> int | None:
+        """The signal number a stop was requested with (:meth:`request_stop`), else ``None``."""
+        return self._stop_signal
+
     def _interrupt(self, epoch: int, batch: int, part: dict[str, Any], accounting: dict[str, Any]) -> None:
         signum = self._stop_signal or signal.SIGTERM
         path = self.save_state(epoch=epoch, batch=batch, epoch_acc=part, accounting=accounting)
@@ -683,28 +725,6 @@ class Trainer:
         raise TrainingInterrupted(
             f"{name}: stopped at step {self.step} (epoch {epoch + 1}, batch {batch}); checkpoint {path}; continue "
             f"with the same command line plus resume={path} (or resume=auto)", signum, str(path) if path else None)
-
-    def _install_signal_handlers(self) -> Any:
-        """SIGTERM/SIGINT: checkpoint at the next step boundary, then stop; a second signal stops at once."""
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-
-        def handler(signum: int, frame: Any) -> None:
-            if self._stop_signal is not None:
-                raise KeyboardInterrupt
-            self._stop_signal = signum
-            print(f"freezebench: {signal.Signals(signum).name} received: writing a checkpoint at the next step "
-                  f"boundary, then stopping (send it again to stop at once)", file=sys.stderr, flush=True)
-
-        for s in previous:
-            signal.signal(s, handler)
-
-        def restore() -> None:
-            for s, h in previous.items():
-                signal.signal(s, h)
-
-        return restore
 
     def _check_finite(self, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss).all():
@@ -731,7 +751,8 @@ class Trainer:
         """Write the final weights atomically (temporary file + rename)."""
         return atomic_torch_save(self.checkpoint_payload(), path)
 
-    def _log_end(self, result: RunResult) -> None:
+    def log_end(self, result: RunResult) -> None:
+        """Freeze events, timeline plot, summary, final weights and end metrics (the tracking hook's end)."""
         ev = result.events
         cols = {
             "unit": [e.unit for e in ev], "name": [e.name for e in ev], "step": [e.step for e in ev],
