@@ -133,7 +133,7 @@ class Suffix:
 
 
 def trainer_epoch(t: Trainer, steps: int) -> float:
-    return t._fit().history[-1]["time/train_s"] / steps
+    return bench_step.fit_epochs(t).history[-1]["time/train_s"] / steps
 
 
 def saved_activation_bytes(fn: Any) -> int:
@@ -179,7 +179,7 @@ def bench_model(args: argparse.Namespace, model: str, device: torch.device) -> d
     cached = Trainer(load_config(overrides(args, model, static + [
         "trainer.cache_frozen_prefix=true", f"trainer.cache_dtype={args.cache_dtype}",
         f"trainer.cache_location={args.cache_location}"])), data=data)
-    frozen._fit()  # apply the static freeze (at step 0) before building the suffix loop
+    bench_step.fit_epochs(frozen)  # apply the static freeze (at step 0) before building the suffix loop
     k = frozen.freezer.frozen_prefix()
     suffix = Suffix(frozen, k, args)
     variants = {"full": lambda: trainer_epoch(full, args.steps), "frozen": lambda: trainer_epoch(frozen, args.steps),

@@ -71,7 +71,7 @@ def compile_overrides(args: argparse.Namespace) -> list[str]:
 
 def one_epoch(trainer: Trainer, steps: int) -> tuple[float, float]:
     """(seconds per step, compile seconds) of one ``_fit()`` epoch, from the trainer's own history."""
-    h = trainer._fit().history[-1]
+    h = bench_step.fit_epochs(trainer).history[-1]
     return h["time/train_s"] / steps, h.get("time/compile_s", 0.0)
 
 

@@ -247,9 +247,21 @@ def data_only(data: DataBundle, steps: int, device: torch.device) -> float:
     return (time.perf_counter() - t0) / steps
 
 
+def fit_epochs(trainer: Trainer) -> Any:
+    """``trainer._fit()`` (the epochs of ``trainer.plan``, no final checkpoint), after, on the first call, what
+    ``Trainer.fit`` does before it: every hook's ``on_fit_start`` (the policy's decision before the first step,
+    e.g. ``policy=static policy.at_step=0``) and the start time. Later calls continue the same training."""
+    if not getattr(trainer, "_bench_started", False) and hasattr(trainer, "hooks"):
+        trainer._t_start = time.perf_counter()
+        for h in trainer.hooks:
+            h.on_fit_start(trainer)
+        trainer._bench_started = True
+    return trainer._fit()
+
+
 def trainer_epoch(trainer: Trainer, steps: int) -> float:
     """Seconds per step of one trainer epoch, from the trainer's own ``time/train_s``."""
-    result = trainer._fit()
+    result = fit_epochs(trainer)
     h = result.history[-1]
     return h["time/train_s"] / steps
 

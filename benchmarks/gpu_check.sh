@@ -119,7 +119,7 @@ mapfile -t GPU_TESTS < <(grep -l "mark.gpu" tests/test_*.py)
 run_section gpu_tests 60 "$PY" -m pytest -q -m "$TESTS_MARK" "${GPU_TESTS[@]}" -p no:cacheprovider
 
 POLICY_SET=(--set data.name=synthetic --set "data.synthetic_size=$PX_POL" --set data.synthetic_channels=3
-  --set data.synthetic_classes=10 --set "data.synthetic_samples=$(( (POL_STEPS + 1) * BIG_BS + 20 ))"
+  --set data.synthetic_classes=10 --set "data.synthetic_samples=$(( (POL_STEPS + 1) * BIG_BS + 40 ))"
   --set "data.batch_size=$BIG_BS" --set "trainer.max_steps_per_epoch=$POL_STEPS" --set "trainer.precision=$PREC"
   --set trainer.channels_last=true --set trainer.checkpoint_every=0 --set trainer.probe_batch_size=32)
 run_section policies 120 "$PY" benchmarks/bench_policy_overhead.py --device "$DEV" --model "$BIG" --epochs 2 \
@@ -134,7 +134,7 @@ run_section compile_big 150 "$PY" benchmarks/bench_compile.py --device "$DEV" --
   --channels-last --backend "$BACKEND" --patterns full --quick
 run_section overhead 60 "$PY" benchmarks/bench_policy_overhead.py --device "$DEV" --model "$BIG" --epochs 3 \
   --policies smartfrz,autofreeze "${POLICY_SET[@]}" --set "trainer.max_steps_per_epoch=$(( POL_STEPS * 3 ))" \
-  --set "data.synthetic_samples=$(( (POL_STEPS * 3 + 1) * BIG_BS + 20 ))"
+  --set "data.synthetic_samples=$(( (POL_STEPS * 3 + 1) * BIG_BS + 40 ))"
 run_section step_small 45 "$PY" benchmarks/bench_step.py --device "$DEV" --models "$SMALL" \
   --image-size "$SMALL_PX" --batch-size "$SMALL_BS" --steps "$STEPS" --repeats "$REPEATS" --warmup 1 --retries 0
 run_section cache_small 45 "$PY" benchmarks/bench_cache.py --device "$DEV" --models "$SMALL" \
