@@ -165,7 +165,6 @@ class CompiledTraining:
         self.shape_recompiles = 0  # compiles inside a region: new input shapes (e.g. a smaller last batch)
         self.regions_built = 0
         self.fallbacks = 0
-        self._failed0 = _failed_frames()
         self._breaks0 = _graph_breaks()
         self._seconds_taken = 0.0
         self.epoch_compile_s = 0.0  # what the last take_compile_seconds() returned (the epoch's compile time)
