@@ -82,7 +82,7 @@ if [ "$SMOKE" = 1 ]; then
   TESTS_MARK=gpu  # all skipped on the CPU: checks that they are collected
 else
   DEV=cuda BIG=resnet50 BIG_PX=224 BIG_BS=64 SMALL=resnet20 SMALL_PX=32 SMALL_BS=128 STEPS=8 REPEATS=3
-  BACKEND=inductor PREC=bf16 PX_POL=224 POL_STEPS=6 TESTS_MARK=gpu CAP_SCALE=1
+  BACKEND=inductor PREC=bf16 PX_POL=224 POL_STEPS=4 TESTS_MARK=gpu CAP_SCALE=1
 fi
 
 # --- setup: wheels and freezebench ---------------------------------------------------------------------------
@@ -106,7 +106,7 @@ EOF
 }
 export -f setup
 export WHEELS PY
-run_section setup 120 bash -c setup
+run_section setup 90 bash -c setup
 
 if [ "$SMOKE" = 0 ]; then
   "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
@@ -116,31 +116,32 @@ fi
 # --- sections, most important first (a later one is skipped when the budget runs out) -----------------------
 # only the files holding GPU-marked tests: the others may import packages the GPU host lacks (selenium)
 mapfile -t GPU_TESTS < <(grep -l "mark.gpu" tests/test_*.py)
-run_section gpu_tests 60 "$PY" -m pytest -q -m "$TESTS_MARK" "${GPU_TESTS[@]}" -p no:cacheprovider
+run_section gpu_tests 45 "$PY" -m pytest -q -m "$TESTS_MARK" "${GPU_TESTS[@]}" -p no:cacheprovider
 
 POLICY_SET=(--set data.name=synthetic --set "data.synthetic_size=$PX_POL" --set data.synthetic_channels=3
   --set data.synthetic_classes=10 --set "data.synthetic_samples=$(( (POL_STEPS + 1) * BIG_BS + 40 ))"
   --set "data.batch_size=$BIG_BS" --set "trainer.max_steps_per_epoch=$POL_STEPS" --set "trainer.precision=$PREC"
   --set trainer.channels_last=true --set trainer.checkpoint_every=0 --set trainer.probe_batch_size=32)
-run_section policies 120 "$PY" benchmarks/bench_policy_overhead.py --device "$DEV" --model "$BIG" --epochs 2 \
-  "${POLICY_SET[@]}"
 
-run_section step_big 90 "$PY" benchmarks/bench_step.py --device "$DEV" --models "$BIG" --image-size "$BIG_PX" \
-  --batch-size "$BIG_BS" --steps "$STEPS" --repeats "$REPEATS" --warmup 1 --retries 0
-run_section cache_big 90 "$PY" benchmarks/bench_cache.py --device "$DEV" --models "$BIG" --image-size "$BIG_PX" \
-  --batch-size "$BIG_BS" --steps "$STEPS" --repeats "$REPEATS" --warmup 2 --precision "$PREC" --channels-last
+# resnet50 224 px first (the targets are stated there), then every policy once, then resnet20 32 px
 run_section compile_big 150 "$PY" benchmarks/bench_compile.py --device "$DEV" --model "$BIG" \
   --image-size "$BIG_PX" --batch-size "$BIG_BS" --steps "$STEPS" --repeats "$REPEATS" --precision "$PREC" \
   --channels-last --backend "$BACKEND" --patterns full --quick
-run_section overhead 60 "$PY" benchmarks/bench_policy_overhead.py --device "$DEV" --model "$BIG" --epochs 3 \
+run_section step_big 75 "$PY" benchmarks/bench_step.py --device "$DEV" --models "$BIG" --image-size "$BIG_PX" \
+  --batch-size "$BIG_BS" --steps "$STEPS" --repeats "$REPEATS" --warmup 1 --retries 0
+run_section cache_big 60 "$PY" benchmarks/bench_cache.py --device "$DEV" --models "$BIG" --image-size "$BIG_PX" \
+  --batch-size "$BIG_BS" --steps "$STEPS" --repeats "$REPEATS" --warmup 2 --precision "$PREC" --channels-last
+run_section policies 90 "$PY" benchmarks/bench_policy_overhead.py --device "$DEV" --model "$BIG" --epochs 1 \
+  "${POLICY_SET[@]}"
+run_section overhead 45 "$PY" benchmarks/bench_policy_overhead.py --device "$DEV" --model "$BIG" --epochs 3 \
   --policies smartfrz,autofreeze "${POLICY_SET[@]}" --set "trainer.max_steps_per_epoch=$(( POL_STEPS * 3 ))" \
   --set "data.synthetic_samples=$(( (POL_STEPS * 3 + 1) * BIG_BS + 40 ))"
-run_section step_small 45 "$PY" benchmarks/bench_step.py --device "$DEV" --models "$SMALL" \
+run_section step_small 40 "$PY" benchmarks/bench_step.py --device "$DEV" --models "$SMALL" \
   --image-size "$SMALL_PX" --batch-size "$SMALL_BS" --steps "$STEPS" --repeats "$REPEATS" --warmup 1 --retries 0
-run_section cache_small 45 "$PY" benchmarks/bench_cache.py --device "$DEV" --models "$SMALL" \
+run_section cache_small 40 "$PY" benchmarks/bench_cache.py --device "$DEV" --models "$SMALL" \
   --image-size "$SMALL_PX" --batch-size "$SMALL_BS" --steps "$STEPS" --repeats "$REPEATS" --warmup 2 \
   --precision "$PREC" --channels-last
-run_section compile_small 120 "$PY" benchmarks/bench_compile.py --device "$DEV" --model "$SMALL" \
+run_section compile_small 90 "$PY" benchmarks/bench_compile.py --device "$DEV" --model "$SMALL" \
   --image-size "$SMALL_PX" --batch-size "$SMALL_BS" --steps "$STEPS" --repeats "$REPEATS" --precision "$PREC" \
   --channels-last --backend "$BACKEND" --quick
 
