@@ -254,7 +254,8 @@ def fit_epochs(trainer: Trainer) -> Any:
     if not getattr(trainer, "_bench_started", False) and hasattr(trainer, "hooks"):
         trainer._t_start = time.perf_counter()
         for h in trainer.hooks:
-            h.on_fit_start(trainer)
+            if h.name != "stop_signal":  # a benchmark stops at once on SIGTERM (e.g. from timeout)
+                h.on_fit_start(trainer)
         trainer._bench_started = True
     return trainer._fit()
 
