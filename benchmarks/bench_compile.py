@@ -17,8 +17,9 @@ batches per epoch, SGD lr 0.05 constant, momentum 0.9, wd 5e-4): one eager, one 
 * ``freezeout_linear``: the real FreezeOut schedule (block granularity), units freezing one after another
   while the timed epochs run (``--quick``: the schedule's first 75 %, i.e. its first freeze events).
 
-Method. Epochs are one ``Trainer._fit()`` each (as in ``bench_step.py``; every epoch the same batches), the
-eager and the compiled epoch of a pattern interleaved in an order rotated every round. A compiled epoch's
+Method. Epochs are one ``Trainer.train_epoch`` + ``end_epoch`` each (as in ``bench_step.py``; every epoch the
+same batches), the eager and the compiled epoch of a pattern interleaved in an order rotated every round. A
+compiled epoch's
 ``time/train_s`` excludes its compile time, which the trainer reports as ``time/compile_s``. For ``full``,
 ``static_prefix`` and ``nonprefix``: the compile epochs, then ``--warmup`` untimed epochs, then ``--repeats``
 timed rounds; ``compiled_over_eager`` is the median paired ratio of step times. For ``freezeout_linear`` each
@@ -51,6 +52,7 @@ import torch
 
 import bench_step
 from bench_step import load_avg, machine_info
+from freezebench import metrics as M
 from freezebench.config import load_config
 from freezebench.trainer import Trainer, resolve_device
 from freezebench.zoo.data import build_data
@@ -70,13 +72,15 @@ def compile_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def one_epoch(trainer: Trainer, steps: int) -> tuple[float, float]:
-    """(seconds per step, compile seconds) of one ``_fit()`` epoch, from the trainer's own history."""
-    h = bench_step.fit_epochs(trainer).history[-1]
-    return h["time/train_s"] / steps, h.get("time/compile_s", 0.0)
+    """(seconds per step, compile seconds) of one epoch (``train_epoch`` + ``end_epoch``, as bench_step), from
+    the trainer's own metrics; every epoch is epoch 0 (the same batches), the step count goes on."""
+    m = trainer.end_epoch(0, trainer.train_epoch(0))
+    return m[M.TIME_TRAIN_S] / steps, m.get(M.TIME_COMPILE_S, 0.0)
 
 
 def single_epoch_plan(trainer: Trainer) -> None:
-    """Let ``_fit()`` run one epoch per call while the policy keeps the plan it was set up with."""
+    """Make every epoch the trainer's last (evaluated, as in bench_step) while the policy keeps the plan it
+    was set up with (FreezeOut's schedule spans the planned epochs)."""
     trainer.plan = dataclasses.replace(trainer.plan, epochs=1)
 
 

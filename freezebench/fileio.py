@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader (or a crash) never sees a half-written checkpoint, predictor or dataset."""
+"""Files: atomic writes (a reader, or a crash, never sees a half-written checkpoint, predictor or dataset) and
+the one reader of ``.pt`` files."""
 
 from __future__ import annotations
 
@@ -8,6 +9,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+
+def read_pt(path: str | os.PathLike, *, mmap: bool = False) -> Any:
+    """Load a ``.pt`` file on the CPU with ``weights_only=True`` (tensors and plain types; no code runs).
+
+    ``FileNotFoundError`` when ``path`` is not a file; whatever ``torch.load`` raises for an unreadable one
+    (callers turn both into one line naming what the file was for). ``mmap``: memory-map the tensors.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(str(p))
+    return torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:

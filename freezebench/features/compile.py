@@ -49,6 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import metrics as M
 from ..errors import ConfigError
 from ..trainer.hooks import Hook
 
@@ -267,12 +268,12 @@ class CompiledTraining:
         return max(0, self.compiles - 1)
 
     def metrics(self, compile_s: float) -> dict[str, float]:
-        return {"compile/compiles": float(self.compiles), "compile/recompiles": float(self.recompiles),
-                "compile/shape_recompiles": float(self.shape_recompiles),
-                "compile/fallbacks": float(self.fallbacks),
-                "compile/graph_breaks": float(_graph_breaks() - self._breaks0),
-                "compile/regions": float(self.regions_built), "time/compile_s": compile_s,
-                "time/compile_total_s": self.compile_seconds}
+        return {M.COMPILE_COMPILES: float(self.compiles), M.COMPILE_RECOMPILES: float(self.recompiles),
+                M.COMPILE_SHAPE_RECOMPILES: float(self.shape_recompiles),
+                M.COMPILE_FALLBACKS: float(self.fallbacks),
+                M.COMPILE_GRAPH_BREAKS: float(_graph_breaks() - self._breaks0),
+                M.COMPILE_REGIONS: float(self.regions_built), M.TIME_COMPILE_S: compile_s,
+                M.TIME_COMPILE_TOTAL_S: self.compile_seconds}
 
     def close(self) -> None:
         self._clock.close()

@@ -415,10 +415,12 @@ def list_models() -> list[str]:
 
 
 def _load_checkpoint(model: nn.Module, name: str, path: str) -> None:
-    if not os.path.isfile(path):
-        raise FreezebenchError(f"model checkpoint {path!r} does not exist (or is not a file)")
+    from ..fileio import read_pt
+
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = read_pt(path)
+    except FileNotFoundError:
+        raise FreezebenchError(f"model checkpoint {path!r} does not exist (or is not a file)") from None
     except Exception as e:
         raise FreezebenchError(f"cannot read model checkpoint {path!r}: {e}") from e
 
