@@ -10,7 +10,8 @@ Measuring how far eager fp32 training lands from the same training in fp64 (``d6
 rounding scale: if the compiled run is within ``c * d64`` of the exact result, the triangle inequality gives
 ``|compiled - eager| <= (1 + c) * d64``. We allow ``c = 9`` (a compiled kernel may round up to 9 times worse
 than eager's; in practice it is comparable), i.e. a tolerance of ``10 * d64``, never below 1e-6 (fp32's
-resolution at weights of order 1, 8 ulps).
+resolution at weights of order 1, 8 ulps). Measured on this test's run (12 steps, 2 freezes): d64 = 1.7e-7;
+compiled vs eager 0 with aot_eager (bit-identical) and 6.0e-8 with inductor (0.36 d64).
 """
 
 from __future__ import annotations
