@@ -3,6 +3,8 @@
     python benchmarks/bench_policy_overhead.py                     # resnet20 on the digits, 3 epochs
     python benchmarks/bench_policy_overhead.py --epochs 2 --policies autofreeze,svcca
     python benchmarks/bench_policy_overhead.py --realistic --epochs 1 --policies full,smartfrz   # 390 steps/epoch
+    python benchmarks/bench_policy_overhead.py --device cuda --model resnet50 --policies smartfrz,autofreeze \
+        --set data.name=synthetic --set data.synthetic_size=224 --set trainer.precision=bf16   # GPU
 
 Each policy trains the same model from the same seed on the embedded digits with tracking off. The trainer
 times everything a policy costs (its signals, ``observe``, ``decide`` and the freezing itself) as
@@ -40,11 +42,14 @@ REALISTIC = ["data.name=synthetic", "data.synthetic_size=32", "data.synthetic_ch
              "data.synthetic_samples=55000", "data.val_fraction=0.0909", "data.batch_size=128",
              "trainer.max_steps_per_epoch=390"]
 
+SETTINGS: list[str] = []  # --set overrides, applied to every run
+DEVICE = "cpu"
+
 
 def run(policy: str, model: str, epochs: int, extra: list[str], outdir: str) -> dict:
     cfg = load_config([f"policy={policy}", f"model.name={model}", f"trainer.epochs={epochs}",
                        "tracking.enabled=false", "trainer.progress=false", f"trainer.output_dir={outdir}",
-                       "trainer.device=cpu", *extra])
+                       f"trainer.device={DEVICE}", *SETTINGS, *extra])
     tr = Trainer(cfg)
     res = tr.fit()
     train_s = sum(h["time/train_s"] for h in res.history)
@@ -68,7 +73,13 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--policies", default="", help="comma-separated (default: every registered policy)")
     ap.add_argument("--realistic", action="store_true", help="synthetic 32x32, batch 128, 390 steps per epoch")
+    ap.add_argument("--device", default="cpu", help="trainer.device (cpu | cuda | cuda:N)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra config override for every run (repeatable), e.g. --set data.name=synthetic")
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = args.device
+    SETTINGS[:] = args.set
     base = REALISTIC if args.realistic else []
     names = [p for p in args.policies.split(",") if p] or POLICIES.names()
     outdir = tempfile.mkdtemp(prefix="fb-overhead-")
@@ -100,10 +111,13 @@ def main() -> None:
     result = {
         "benchmark": "policy_overhead",
         "model": args.model,
-        "dataset": "synthetic-32x32-390-steps" if args.realistic else "digits",
+        "dataset": "synthetic-32x32-390-steps" if args.realistic else next(
+            (s.split("=", 1)[1] for s in args.set if s.startswith("data.name=")), "digits"),
+        "overrides": args.set,
         "epochs": args.epochs,
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "platform": platform.platform(),
-                    "python": sys.version.split()[0], "device": "cpu"},
+                    "python": sys.version.split()[0], "device": args.device,
+                    "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"},
         "rows": rows,
         "skipped": skipped,
     }

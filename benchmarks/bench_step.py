@@ -274,9 +274,11 @@ def bench_model(args: argparse.Namespace, model: str, steps: int, device: torch.
         frozen_trainers[f] = t
     middle_trainers: dict[float, Trainer] = {}
     for f in MIDDLE_FRACTIONS:  # SmartFRZ-style non-prefix freezing: a block of units in the middle
-        t = Trainer(cfg_full, data=data)
-        n_free = len(t.units) - 1
+        n_free = len(full.units) - 1
         n = int(f * n_free)
+        if n == 0:  # a model with too few units (e.g. tiny): no middle block of this share
+            continue
+        t = Trainer(cfg_full, data=data)
         start = (n_free - n) // 2
         t.freezer.freeze(range(start, start + n), step=0, epoch=0.0, reason="benchmark: middle units")
         middle_trainers[f] = t

@@ -115,6 +115,9 @@ class TrainerConfig:
     cache_dtype: str = "bf16"  # precision of the stored prefix outputs: bf16 | fp16 | fp32 (fp32: training identical to no cache)
     cache_location: str = "device"  # where they are kept: device (its memory) | cpu (host memory, prefetched) | disk (memory-mapped)
     cache_dir: str | None = None  # cache_location=disk: folder for the memory-mapped files (default: a temporary folder)
+    compile: bool = False  # torch.compile the training forward, one graph per frozen set (freezebench.features.compile)
+    compile_backend: str = "inductor"  # torch.compile backend: inductor | aot_eager | eager (dynamo only) | ...
+    compile_mode: str = "default"  # inductor mode: default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
     grad_norm_metric: bool = False  # log train/grad_norm: the mean L2 norm of each step's gradients over the epoch
 
 
@@ -151,6 +154,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "trainer.precision": ("fp32", "bf16", "fp16"),
     "trainer.cache_dtype": ("bf16", "fp16", "fp32"),
     "trainer.cache_location": ("device", "cpu", "disk"),
+    "trainer.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "sparsity.distribution": ("uniform", "erk"),
 }
 

@@ -16,7 +16,7 @@ TRAIN_ACC = "train/acc"
 VAL_LOSS = "val/loss"  # the latest evaluation (every trainer.eval_every epochs and the last)
 VAL_ACC = "val/acc"
 TIME_EPOCH_S = "time/epoch_s"  # training loop + evaluation
-TIME_TRAIN_S = "time/train_s"  # training loop minus policy time
+TIME_TRAIN_S = "time/train_s"  # training loop minus policy time (and compile time, trainer.compile)
 TIME_EVAL_S = "time/eval_s"
 TIME_POLICY_S = "time/policy_s"  # the policy's observe / decide / apply in the epoch
 COST_TFLOPS = "cost/tflops"  # cumulative, cost model (freezebench.cost)
@@ -33,6 +33,15 @@ POLICY_PREFIX = "policy/"  # + the names of a policy's epoch_metrics()
 CACHE_MB = "cache/mb"  # trainer.cache_frozen_prefix on
 CACHE_SERVED = "cache/served_samples"
 CACHE_COMPUTED = "cache/computed_samples"
+# trainer.compile on (freezebench.features.compile); counts are cumulative
+COMPILE_COMPILES = "compile/compiles"  # frozen sets whose training forward was compiled
+COMPILE_RECOMPILES = "compile/recompiles"  # compiles caused by freezing (at most the frozen-set changes)
+COMPILE_SHAPE_RECOMPILES = "compile/shape_recompiles"  # compiles for a new input shape within a frozen set
+COMPILE_FALLBACKS = "compile/fallbacks"  # times dynamo ran part of the training forward eagerly
+COMPILE_GRAPH_BREAKS = "compile/graph_breaks"
+COMPILE_REGIONS = "compile/regions"  # compile regions built (one per frozen set and compiled module)
+TIME_COMPILE_S = "time/compile_s"  # compile seconds in the epoch (not part of time/train_s)
+TIME_COMPILE_TOTAL_S = "time/compile_total_s"
 
 # --- at the end of a run ---------------------------------------------------------------------------------
 TIME_TOTAL_S = "time/total_s"

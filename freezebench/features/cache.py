@@ -193,6 +193,10 @@ class ModelSplit:
         return seg
 
 
+def _identity(module: nn.Module) -> nn.Module:
+    return module
+
+
 def _is_random(node: fx.Node) -> bool:
     return node.target in _RANDOM_FUNCTIONS or node.target in ("bernoulli_", "uniform_", "normal_", "dropout")
 
@@ -273,6 +277,9 @@ class PrefixCache:
         self._frozen: frozenset[int] = frozenset()
         self._pending: dict[int, tuple[np.ndarray, concurrent.futures.Future]] = {}
         self.stats = {"served": 0, "computed_from_input": 0, "pushed": 0}
+        # runs the trainable part (the model, or the suffix segment) of a step; trainer.compile sets it to
+        # freezebench.features.compile.CompiledTraining (the no-grad prefix segments stay eager)
+        self.wrap: Any = _identity
 
     # --- bookkeeping ----------------------------------------------------------------------------------
     @property
@@ -383,7 +390,7 @@ class PrefixCache:
         n = len(idx)
         if k == 0:
             self.last_flops_per_sample = self._flops(0)
-            return self.split.model(x)
+            return self.wrap(self.split.model)(x)
         lv = self.levels.get(k)
         pend = self._pending.get(id(idx))
         values: list[torch.Tensor] | None = None
@@ -402,7 +409,7 @@ class PrefixCache:
             values = [buf.index_select(0, ti).to(self.device, non_blocking=True) for buf in lv.buffers]
         self.stats["served"] += n
         self.last_flops_per_sample = self._flops(k)
-        return self.split.segment(k, None)(*self._to_compute(values))
+        return self.wrap(self.split.segment(k, None))(*self._to_compute(values))
 
     def _fill(self, x: torch.Tensor, idx: torch.Tensor, host_idx: np.ndarray, levels: np.ndarray,
               k: int) -> torch.Tensor:
@@ -439,7 +446,7 @@ class PrefixCache:
         assert values is not None
         self._store(k, host_idx, idx, values)  # type: ignore[arg-type]
         self.last_flops_per_sample = flops / n
-        return self.split.segment(k, None)(*self._to_compute(values))  # type: ignore[arg-type]
+        return self.wrap(self.split.segment(k, None))(*self._to_compute(values))  # type: ignore[arg-type]
 
     def _store(self, k: int, host_idx: np.ndarray, idx: torch.Tensor, values: list[torch.Tensor]) -> None:
         lv = self.levels.get(k)

@@ -56,7 +56,7 @@ LAST = "last.pt"
 IGNORED_KEYS = frozenset({
     "resume", "trainer.progress", "trainer.checkpoint_every", "trainer.output_dir", "trainer.save_checkpoint",
     "trainer.check_finite_every", "trainer.device", "data.num_workers", "data.root", "data.download",
-    "data.eval_batch_size",
+    "data.eval_batch_size", "trainer.compile", "trainer.compile_backend", "trainer.compile_mode",
 })
 IGNORED_PREFIXES = ("tracking.",)
 

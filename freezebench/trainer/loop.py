@@ -50,6 +50,7 @@ from .. import metrics as M
 from ..config import flatten
 from ..cost import CostModel
 from ..errors import ConfigError, NonFiniteLossError, TrainingInterrupted
+from ..features import compile as compiling
 from ..features.cache import PrefixCache
 from ..features.sieve import sieve_data
 from ..features.sparsity import build_sparsity
@@ -246,6 +247,7 @@ class Trainer:
             self.cost = CostModel(self.sparsity.unit_flops(self.partition), self.partition.other_flops)
         self.policy.setup(self.units, self.plan)
         self.cache: PrefixCache | None = self._build_cache()
+        self.compiler = compiling.attach(self)  # trainer.compile: one graph per frozen set (None when off)
         # the loop's state, and config values read every step, copied once (an OmegaConf read costs ~10 us)
         self.state = TrainState()
         self._check_every = tc.check_finite_every
@@ -284,6 +286,7 @@ class Trainer:
             SieveHook(self.sieve) if self.sieve is not None else None,
             PolicyHook(self.policy),
             CacheHook(self.cache) if self.cache is not None else None,
+            compiling.CompileHook(self.compiler) if self.compiler is not None else None,
             GradNormHook.from_trainer(self),
             *extra,
         ]
@@ -344,7 +347,7 @@ class Trainer:
         """The model's training forward pass; through the frozen-prefix cache when there is one, which also
         sets ``step_cost`` to this step's FLOPs per sample (skipped prefix forwards are not counted)."""
         if self.cache is None:
-            return self.train_model(x)
+            return self.train_model(x) if self.compiler is None else self.compiler(self.train_model)(x)
         out = self.cache.forward(x, idx, self.freezer.frozen)
         self.step_cost = self.cache.last_flops_per_sample
         return out
@@ -573,6 +576,7 @@ class Trainer:
         train_loss = sums.loss_sum.item() / max(samples, 1)
         self._check_finite(torch.tensor(train_loss))
         policy_s = state.policy_time - sums.policy_before
+        compile_s = self.compiler.take_compile_seconds() if self.compiler is not None else 0.0
         last = epoch == plan.epochs - 1
         t1 = time.perf_counter()
         if last or (tc.eval_every and (epoch + 1) % tc.eval_every == 0):
@@ -586,7 +590,7 @@ class Trainer:
             M.VAL_LOSS: state.val_loss,
             M.VAL_ACC: state.val_acc,
             M.TIME_EPOCH_S: sums.loop_s + eval_s,
-            M.TIME_TRAIN_S: sums.loop_s - policy_s,
+            M.TIME_TRAIN_S: sums.loop_s - policy_s - compile_s,
             M.TIME_EVAL_S: eval_s,
             M.TIME_POLICY_S: policy_s,
             M.COST_TFLOPS: state.tflops,
