@@ -204,6 +204,11 @@ def _tensor_bundle(name: str, x: torch.Tensor, y: torch.Tensor, xv: torch.Tensor
                    num_classes: int, cfg: Any, seed: int, device: Any, augment: bool,
                    mean: torch.Tensor | None = None, std: torch.Tensor | None = None) -> DataBundle:
     if cfg.train_subset is not None:
+        if cfg.train_subset > len(x):
+            from ..errors import ConfigError
+
+            raise ConfigError(f"data.train_subset={cfg.train_subset} is more than the {len(x)} training samples of "
+                              f"{name}; pass at most {len(x)}, or null for all")
         x, y = x[: cfg.train_subset], y[: cfg.train_subset]
     info = DataInfo(name, num_classes, x.shape[1], x.shape[-1], len(x), len(xv), augment)
     train = TensorLoader(x, y, cfg.batch_size, shuffle=True, seed=seed, augment=augment, mean=mean, std=std,

@@ -417,10 +417,10 @@ def list_models() -> list[str]:
 def _load_checkpoint(model: nn.Module, name: str, path: str) -> None:
     if not os.path.isfile(path):
         raise FreezebenchError(f"model checkpoint {path!r} does not exist (or is not a file)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise FreezebenchError(f"cannot read model checkpoint {path!r}: {e}") from e
+    from ..fileio import read_torch
+
+    obj = read_torch(path, what="model checkpoint", error=FreezebenchError,  # CRC32-checked
+                     fix="the file is corrupt or truncated: pass another model.checkpoint")
 
     saved_name = None
     if isinstance(obj, Mapping) and "model_state" in obj:
