@@ -32,15 +32,16 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from .. import __version__
+from .. import __version__, faults
 from . import checkpoint as ckpt
+from . import reliability
 from . import distributed
 from ..config import flatten, to_yaml
 from ..cost import CostModel
 from ..zoo.data import DataBundle, build_data
 from ..features.cache import PrefixCache
 from ..errors import ConfigError, NonFiniteLossError, TrainingInterrupted
-from ..fileio import atomic_torch_save
+from ..fileio import atomic_torch_save, check_writable_folder
 from .freezer import FreezeEvent, Freezer, param_groups
 from ..policy import Decision, FreezePolicy, Plan, Signal, Signals
 from ..registry import MODELS, POLICIES
@@ -127,6 +128,8 @@ class Trainer:
         tc = cfg.trainer
         self.dist = distributed.from_env()  # under torchrun: data parallel (freezebench.trainer.distributed)
         self.rank, self.world_size = (self.dist.rank, self.dist.world_size) if self.dist else (0, 1)
+        if tc.save_checkpoint or tc.checkpoint_every:  # found before training, not after it (issue 14)
+            check_writable_folder(tc.output_dir, "trainer.output_dir")
         if cfg.tracking.enabled and self.rank == 0:  # an unreachable server fails before data and model are built
             check_reachable(resolve_uri(cfg.tracking.uri))
         self.device = resolve_device(tc.device)
@@ -376,7 +379,6 @@ class Trainer:
             result = self._fit()
             if self.rank == 0:
                 self._log_end(result)
-            self._save_final_state()
         except BaseException as e:
             if self.tracker.run_id:
                 self.tracker.set_tags({"error": f"{type(e).__name__}: {str(e)[:400]}"})
@@ -385,7 +387,11 @@ class Trainer:
         finally:
             torch.set_flush_denormal(False)
             restore_handlers()
+        if self._resumed is not None:
+            self.tracker.delete_tags(["error"])  # a stale error of the interrupted attempt
         self.tracker.finish("FINISHED")
+        if self._final_accounting is not None and self.cfg.trainer.checkpoint_every and self.rank == 0:
+            reliability.mark_closed(self.run_dir, self.tracker.run_id)  # resume=auto leaves this run alone now
         return result
 
     def _log_start(self) -> None:
@@ -394,7 +400,8 @@ class Trainer:
                                  "units.gflops_per_sample_full": self.cost.full_step_flops / 1e9})
         self.tracker.log_text(to_yaml(self.cfg), "config.yaml")
         self.tracker.log_text(self.partition.table(), "units.txt")
-        if self._resumed is not None and not self._resumed["run_id"]:  # tracked only from this resume on
+        if self._resumed is not None:  # what the checkpoint covers and the run lacks (reliability.py)
+            self.tracker.skip_held_metrics()
             for i, m in enumerate(self._resumed["accounting"]["history"]):
                 self.tracker.log_metrics(m, step=i + 1)
 
@@ -429,6 +436,7 @@ class Trainer:
             val_loss, val_acc = acc["val_loss"], acc["val_acc"]
             t_start -= acc["elapsed_s"]
             start_epoch = self._resumed["position"]["epoch"]
+        self._logged = len(history)  # epochs already logged (a resume logs its own history in _log_start)
         for epoch in range(start_epoch, plan.epochs):
             self.freezer.train_mode()
             self.data.train.set_epoch(epoch)
@@ -460,6 +468,8 @@ class Trainer:
                     out = self._forward(x, idx)
                 losses = F.cross_entropy(out.float(), y, reduction="none")
                 loss = losses.mean()
+                if faults.ARMED and b == plan.steps_per_epoch // 2:  # test-only SIGKILL (freezebench.faults)
+                    faults.at("mid_step", epoch + 1)
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.scaler is not None:
                     self.scaler.scale(loss).backward()
@@ -529,7 +539,6 @@ class Trainer:
                 m.update(self.cache.metrics())
             m = {k: v for k, v in m.items() if not (isinstance(v, float) and math.isnan(v))}
             history.append(m)
-            self.tracker.log_metrics(m, step=epoch + 1)
             if bar_enabled:
                 tqdm.write(
                     f"epoch {epoch + 1:>3}/{plan.epochs}  loss {train_loss:.4f}  val/acc {val_acc:.4f}  "
@@ -537,18 +546,32 @@ class Trainer:
                     f"{m['time/epoch_s']:.1f}s (policy {policy_s:.2f}s)",
                     file=sys.stderr,
                 )
+            # exactly once (freezebench.trainer.reliability): the checkpoint first, then the metrics it covers
             accounting = self._accounting(tflops, tflops_full, history, val_loss, val_acc, t_start)
-            if tc.checkpoint_every and (epoch + 1) % tc.checkpoint_every == 0 and not last:
+            due = bool(tc.checkpoint_every) and (epoch + 1) % tc.checkpoint_every == 0 and not last
+            if due:
                 self.save_state(epoch=epoch + 1, batch=0, epoch_acc=None, accounting=accounting)
-        self._final_accounting = self._accounting(tflops, tflops_full, history, val_loss, val_acc, t_start)
-        total = time.perf_counter() - t_start
-        final = dict(history[-1]) if history else {}
-        final.update({
-            "time/total_s": total,
-            "time/policy_total_s": self.policy_time,
-            "cost/saving_frac": 1 - tflops / tflops_full if tflops_full else 0.0,
-            "freeze/events": float(len(self.freezer.events)),
-        })
+            if last:
+                final = dict(history[-1])
+                final.update({
+                    "time/total_s": time.perf_counter() - t_start,
+                    "time/policy_total_s": self.policy_time,
+                    "cost/saving_frac": 1 - tflops / tflops_full if tflops_full else 0.0,
+                    "freeze/events": float(len(self.freezer.events)),
+                })
+                self._final_accounting = {**accounting, "final": final}
+                self._save_final_state()  # finished=True, before the last epoch is logged
+                if faults.ARMED:
+                    faults.at("after_final_checkpoint", epoch + 1)
+            if due or last or not tc.checkpoint_every:
+                for i in range(self._logged, len(history)):
+                    self.tracker.log_metrics(history[i], step=i + 1)
+                self._logged = len(history)
+            if faults.ARMED:
+                faults.at("after_epoch_log", epoch + 1)
+        if self._final_accounting is None:  # resumed from a finished checkpoint: only its end is redone
+            self._final_accounting = dict(self._resumed["accounting"])
+            final = dict(self._final_accounting.get("final") or history[-1])
         return RunResult(run_id=self.tracker.run_id, metrics=final, history=history,
                          events=list(self.freezer.events), unit_names=[u.name for u in self.units])
 
@@ -572,12 +595,16 @@ class Trainer:
         payload = ckpt.read(path)
         ckpt.check_compatible(payload, path, fingerprint=fingerprint, unit_names=[u.name for u in self.units],
                               world_size=self.world_size)
+        inexact = ckpt.check_exactness(payload, path, self.device, deterministic=self.cfg.trainer.deterministic,
+                                       allow=self.cfg.trainer.allow_inexact_resume)
+        if inexact and self.rank == 0:
+            print(f"freezebench: warning: {inexact}", file=sys.stderr, flush=True)
         ckpt.restore(self, payload, path)
         self.policy_time = float(payload["accounting"]["policy_time"])
         self._pending_rng = payload["rng"][self.rank]
         epoch_acc = payload["epoch_acc"][self.rank] if payload["epoch_acc"] else None
         run_id = payload["mlflow"]["run_id"]
-        if run_id and self.cfg.tracking.enabled:
+        if run_id and self.cfg.tracking.enabled and not self.cfg.tracking.run_id:  # an explicit run id wins
             self.cfg.tracking.run_id = run_id
         pos = payload["position"]
         log.warning("resuming from %s: epoch %d, batch %d, step %d%s", path, pos["epoch"], pos["batch"], pos["step"],
@@ -742,7 +769,12 @@ class Trainer:
         plt.close(fig)
         summary = {"run_id": result.run_id, "run_name": self.run_name, "metrics": result.metrics,
                    "frozen_units": sorted(self.freezer.frozen), "num_units": len(self.units),
-                   "unit_names": result.unit_names}
+                   "unit_names": result.unit_names, "warnings": []}
+        diverged = reliability.divergence(result.metrics, self.data.info.num_classes, self.data.info.num_val)
+        if diverged:
+            summary["warnings"].append(diverged)
+            self.tracker.set_tags({"diverged": "true"})
+            print(f"freezebench: warning: {diverged}", file=sys.stderr, flush=True)
         self.tracker.log_dict(summary, "summary.json")
         if self.cfg.trainer.save_checkpoint:
             folder = Path(self.cfg.trainer.output_dir) / (result.run_id or self.run_name)
