@@ -169,3 +169,19 @@ def check_writable_folder(folder: str | os.PathLike, key: str) -> None:
     if not os.access(probe, os.W_OK | os.X_OK):
         where = "is not writable" if probe == p else f"cannot be created ({str(probe)!r} is not writable)"
         raise ConfigError(f"{key}={str(folder)!r} {where}; point {key} at a folder you can write to")
+
+
+def read_text_file(path: str | os.PathLike, *, what: str, error: type[FreezebenchError] = FreezebenchError) -> str:
+    """A user-written text file (YAML spaces, suites) as text; ``error`` naming the file when it cannot be
+    read, is not UTF-8 or holds NUL bytes (a damaged or binary file: such files carry no checksum)."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise error(f"{what} {str(p)!r} cannot be read ({e.strerror or e})") from None
+    if b"\x00" in data:
+        raise error(f"{what} {str(p)!r} is damaged or not a text file (it holds NUL bytes)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{what} {str(p)!r} is damaged or not a text file (not UTF-8 at byte {e.start})") from None
