@@ -423,6 +423,11 @@ class Trainer:
             self.policy_time += time.perf_counter() - t0
         if self.dist is not None and self.train_model is self.model:
             self._wrap_ddp()
+        if self._resumed is None and tc.checkpoint_every:
+            # the state before the first step: a kill before the first epoch's checkpoint resumes this run (its
+            # MLflow run too) instead of leaving it RUNNING and starting another (freezebench.trainer.reliability)
+            self.save_state(epoch=0, batch=0, epoch_acc=None,
+                            accounting=self._accounting(0.0, 0.0, [], float("nan"), float("nan"), t_start))
         from tqdm.auto import tqdm
 
         val_loss = val_acc = float("nan")

@@ -18,6 +18,10 @@ that is then trained again: exact only when the retrained epoch is bit-identical
 count or device breaks (``checkpoint.check_exactness``). Artifacts are logged under fixed names, so a
 second upload replaces the first.
 
+**No orphan before the first epoch.** With checkpoints on, a run writes ``last.pt`` once before its first
+step too (the state after any step-0 freezing decision): a kill during the first epoch then resumes the
+same MLflow run instead of leaving it RUNNING and starting a second one. It costs one checkpoint write.
+
 **Closing.** The run's end is: the finished checkpoint (``finished=True``, holding the final metrics),
 then the last epoch's metrics, the end-of-run artifacts and ``final.pt``, then the MLflow run is closed,
 then the marker file :data:`CLOSED` is written next to ``last.pt``. ``resume=auto`` (or ``resume=`` that
