@@ -114,6 +114,7 @@ class TrainerConfig:
     cache_dtype: str = "bf16"  # precision of the stored prefix outputs: bf16 | fp16 | fp32 (fp32: training identical to no cache)
     cache_location: str = "device"  # where they are kept: device (its memory) | cpu (host memory, prefetched) | disk (memory-mapped)
     cache_dir: str | None = None  # cache_location=disk: folder for the memory-mapped files (default: a temporary folder)
+    grad_norm_metric: bool = False  # log train/grad_norm: the mean L2 norm of each step's gradients over the epoch
 
 
 @dataclass

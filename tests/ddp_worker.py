@@ -18,6 +18,7 @@ import torch
 
 from freezebench import cli
 from freezebench.trainer import Trainer
+from helpers import SignalAt, with_hooks
 
 if __name__ == "__main__":
     out = Path(sys.argv[1])
@@ -38,12 +39,5 @@ if __name__ == "__main__":
     Trainer.fit = fit_and_dump
     at = int(os.environ.get("FB_SIGNAL_AT_STEP", "0"))
     if at:
-        tick = Trainer._policy_tick
-
-        def tick_then_signal(self, s, *args):
-            tick(self, s, *args)
-            if s == at and self.rank == 0:
-                os.kill(os.getpid(), signal.SIGTERM)
-
-        Trainer._policy_tick = tick_then_signal
+        with_hooks(Trainer, lambda: [SignalAt(at, signal.SIGTERM, when=lambda trainer: trainer.rank == 0)])
     sys.exit(cli.main(sys.argv[2:]))

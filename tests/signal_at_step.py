@@ -8,7 +8,6 @@ nothing can catch, or a ``SIGTERM``, which the trainer answers with a checkpoint
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 
@@ -16,16 +15,10 @@ import torch
 
 from freezebench import cli
 from freezebench.trainer import Trainer
+from helpers import SignalAt, with_hooks
 
 if __name__ == "__main__":
     step, signame = int(sys.argv[1]), sys.argv[2]
     torch.set_num_threads(2)  # as the in-process runs of the tests (tests/conftest.py)
-    tick = Trainer._policy_tick
-
-    def tick_then_signal(self, s, *args):
-        tick(self, s, *args)
-        if s == step:
-            os.kill(os.getpid(), getattr(signal, signame))
-
-    Trainer._policy_tick = tick_then_signal
+    with_hooks(Trainer, lambda: [SignalAt(step, getattr(signal, signame))])
     sys.exit(cli.main(sys.argv[3:]))

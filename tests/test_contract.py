@@ -17,6 +17,7 @@ from freezebench.config import load_config
 from freezebench.errors import TrainingInterrupted
 from freezebench.registry import POLICIES
 from freezebench.trainer import Trainer
+from helpers import StopAt
 
 SETTINGS: dict[str, dict] = {
     "full": {"overrides": [], "freezes": False},
@@ -148,15 +149,7 @@ def test_policy_resumes_exactly(name, tiny_overrides, tmp_path, reference_checkp
     ref = Trainer(load_config([*base, "tracking.run_name=ref", "trainer.checkpoint_every=0"]))
     expected = ref.fit()
 
-    cut = Trainer(load_config([*base, "tracking.run_name=cut"]))
-    tick = cut._policy_tick
-
-    def stop_mid_epoch_2(step, *args):
-        tick(step, *args)
-        if step == 6:
-            cut.request_stop()
-
-    cut._policy_tick = stop_mid_epoch_2
+    cut = Trainer(load_config([*base, "tracking.run_name=cut"]), hooks=[StopAt(6)])  # mid epoch 2
     with pytest.raises(TrainingInterrupted):
         cut.fit()
     resumed = Trainer(load_config([*base, "tracking.run_name=cut", "resume=auto"]))

@@ -19,6 +19,7 @@ from freezebench.cli import main
 from freezebench.config import load_config
 from freezebench.errors import CheckpointError, TrackingError
 from freezebench.trainer import Trainer
+from helpers import StopAt
 
 
 def _free_port() -> int:
@@ -82,15 +83,7 @@ def checkpointed(tiny_overrides, tmp_path):
     """An interrupted-style checkpoint: the state after epoch 1 of a 3-epoch run (untracked)."""
     cfg = load_config([*tiny_overrides, "tracking.enabled=false", f"trainer.output_dir={tmp_path}",
                        "tracking.run_name=run"])
-    t = Trainer(cfg)
-    tick = t._policy_tick
-
-    def stop_after_epoch_1(step, *args):
-        tick(step, *args)
-        if step == 4:
-            t.request_stop()
-
-    t._policy_tick = stop_after_epoch_1
+    t = Trainer(cfg, hooks=[StopAt(4)])  # after epoch 1
     with pytest.raises(Exception, match="stopped at step 4"):
         t.fit()
     return tmp_path / "run" / "last.pt"

@@ -22,6 +22,7 @@ from freezebench.cli import main
 from freezebench.config import load_config
 from freezebench.errors import CheckpointError
 from freezebench.trainer import Trainer
+from helpers import StopAt
 
 HERE = Path(__file__).resolve().parent
 # 3 epochs of 4 steps; step 6 is the middle of epoch 2
@@ -145,15 +146,7 @@ def test_resume_refuses_another_config_and_a_finished_run(tiny_overrides, tmp_pa
 
 def test_untracked_run_resumed_with_tracking_logs_every_epoch(mlflow_uri, tiny_overrides, tmp_path):
     base = [*tiny_overrides, "tracking.run_name=late", f"trainer.output_dir={tmp_path / 'o'}"]
-    t = Trainer(load_config([*base, "tracking.enabled=false"]))
-    tick = t._policy_tick
-
-    def stop(step, *args):
-        tick(step, *args)
-        if step == 6:
-            t.request_stop()
-
-    t._policy_tick = stop
+    t = Trainer(load_config([*base, "tracking.enabled=false"]), hooks=[StopAt(6)])
     with pytest.raises(Exception, match="stopped at step 6"):
         t.fit()
     result = Trainer(load_config([*base, "resume=auto"])).fit()

@@ -13,6 +13,7 @@ from freezebench.zoo.data import TensorLoader
 from freezebench.errors import ConfigError
 from freezebench.features.sieve import Sieve, SievedLoader
 from freezebench.trainer import Trainer
+from helpers import RecordSteps
 
 
 def _loader(n=50, batch=8):
@@ -92,15 +93,13 @@ def test_config_validation():
 def test_trainer_epochs_are_shorter_and_plan_matches(mlflow_uri, tiny_overrides):
     over = [o for o in tiny_overrides if not o.startswith("trainer.max_steps_per_epoch")]
     cfg = load_config([*over, "policy=full", "data.sieve.enabled=true", "data.sieve.ratio=0.5"])
-    trainer = Trainer(cfg)
+    seen = RecordSteps()
+    trainer = Trainer(cfg, hooks=[seen])
     n = trainer.data.info.num_train  # 128 of the 160 synthetic samples
     m = round(0.5 * n)
     assert trainer.plan.steps_per_epoch == math.ceil(m / 16) == len(trainer.data.train)
-    seen_steps = []
-    tick = trainer._policy_tick
-    trainer._policy_tick = lambda step, losses, idx: (seen_steps.append(step), tick(step, losses, idx))
     result = trainer.fit()
-    assert len(seen_steps) == trainer.plan.total_steps  # the plan's steps are the real steps
+    assert len(seen.steps) == trainer.plan.total_steps  # the plan's steps are the real steps
     assert [h["data/samples_per_epoch"] for h in result.history] == [m] * 3
     assert trainer.sieve.updates == 2  # at the starts of epochs 1 and 2
     full = result.history[-1]["cost/tflops_full"]

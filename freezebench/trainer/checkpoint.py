@@ -56,7 +56,7 @@ from .reliability import is_closed
 log = logging.getLogger(__name__)
 
 FORMAT = "freezebench-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: trainer hooks' states under "hooks" (1: "sparsity" and "sieve" at the top; still read)
 LAST = "last.pt"
 
 #: config keys that may differ between a checkpoint and the run resuming it: they do not change the training
@@ -66,6 +66,12 @@ IGNORED_KEYS = frozenset({
     "data.eval_batch_size", "trainer.allow_inexact_resume",
 })
 IGNORED_PREFIXES = ("tracking.",)
+
+#: config keys added after checkpoints were first written, with the value (as ``repr``) that reproduces the
+#: training of a freezebench that did not have them: a checkpoint without the key matches that value
+ADDED_KEYS = {
+    "trainer.grad_norm_metric": repr(False),
+}
 
 
 def config_fingerprint(flat: Mapping[str, Any]) -> dict[str, str]:
@@ -77,7 +83,7 @@ def config_differences(saved: Mapping[str, str], now: Mapping[str, str]) -> list
     """``key: checkpoint X, this run Y`` for every key whose value differs (or exists on one side only)."""
     out = []
     for k in sorted(set(saved) | set(now)):
-        a, b = saved.get(k, "<absent>"), now.get(k, "<absent>")
+        a, b = saved.get(k, ADDED_KEYS.get(k, "<absent>")), now.get(k, "<absent>")
         if a != b:
             out.append(f"{k}: checkpoint {a}, this run {b}")
     return out
@@ -143,10 +149,20 @@ def read(path: str | Path, *, lazy: bool = False) -> dict[str, Any]:
             f"{str(p)!r} is {what}: resume needs the last.pt written during training (trainer.checkpoint_every); "
             f"to start from these weights instead pass model.checkpoint={p}"
         )
-    if payload.get("version") != VERSION:
+    if payload.get("version") not in (1, VERSION):
         raise CheckpointError(f"checkpoint {str(p)!r} has format version {payload.get('version')!r}; this "
-                              f"freezebench reads version {VERSION}")
-    return dict(payload)
+                              f"freezebench reads versions 1 and {VERSION}")
+    return upgrade(dict(payload))
+
+
+def upgrade(payload: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 payload in the current layout (its feature states moved under ``hooks``)."""
+    if payload["version"] == 1:
+        payload["hooks"] = {k: payload.pop(k) for k in ("sparsity", "sieve") if payload.get(k) is not None}
+        payload.pop("sparsity", None)
+        payload.pop("sieve", None)
+        payload["version"] = VERSION
+    return payload
 
 
 def check_compatible(payload: Mapping[str, Any], path: str | Path, *, fingerprint: Mapping[str, str],
@@ -223,9 +239,8 @@ def build_payload(tr: Any, *, epoch: int, batch: int, epoch_acc: dict[str, Any] 
         "scaler": tr.scaler.state_dict() if tr.scaler is not None else None,
         "freezer": tr.freezer.state_dict(),
         "policy": tr.policy.state_dict(),
-        # trainer features with state of their own (sparse masks, the sieve's partial set); None when off
-        "sparsity": tr.sparsity.state_dict() if tr.sparsity is not None else None,
-        "sieve": tr.sieve.state_dict() if tr.sieve is not None else None,
+        # every stateful trainer hook's state under its name (sparse masks, the sieve's partial set, ...)
+        "hooks": hook_states(tr.hooks),
         "lr_override": {int(k): float(v) for k, v in tr.lr_override.items()},
         "lr_factor": float(getattr(tr, "current_lr_factor", 1.0)),
         "position": {"step": int(tr.step), "epoch": int(epoch), "batch": int(batch), "world_size": int(world_size)},
@@ -270,6 +285,28 @@ def check_exactness(payload: Mapping[str, Any], path: str | Path, device: Any, *
     return line
 
 
+def hook_states(hooks: list[Any]) -> dict[str, Any]:
+    """``{name: state}`` of every hook whose ``state_dict()`` is not ``None``."""
+    out = {}
+    for h in hooks:
+        state = h.state_dict()
+        if state is not None:
+            out[h.name] = state
+    return out
+
+
+def load_hook_states(hooks: list[Any], states: Mapping[str, Any], path: str | Path) -> None:
+    """Give every stateful hook its saved state; refuse a checkpoint whose stateful hooks differ."""
+    stateful = {h.name: h for h in hooks if h.state_dict() is not None}
+    differ = sorted(set(stateful) ^ set(states))
+    if differ:
+        name = differ[0]
+        raise CheckpointError(f"checkpoint {str(path)!r}: {name} is {'on' if name in states else 'off'} in the "
+                              f"checkpoint but {'on' if name in stateful else 'off'} in this run's config")
+    for name, h in stateful.items():
+        h.load_state_dict(states[name])
+
+
 def restore(tr: Any, payload: Mapping[str, Any], path: str | Path) -> None:
     """Put a freshly built trainer into the state ``payload`` describes (the position is read by the loop)."""
     try:
@@ -278,14 +315,7 @@ def restore(tr: Any, payload: Mapping[str, Any], path: str | Path) -> None:
         tr.policy.notify_frozen(frozenset(tr.freezer.frozen))
         tr.policy.load_state_dict(payload["policy"])
         tr.optimizer.load_state_dict(payload["optimizer"])
-        for feature in ("sparsity", "sieve"):
-            obj, state = getattr(tr, feature), payload.get(feature)
-            if (obj is None) != (state is None):
-                raise CheckpointError(f"checkpoint {str(path)!r}: {feature} is "
-                                      f"{'on' if state is not None else 'off'} in the checkpoint but "
-                                      f"{'on' if obj is not None else 'off'} in this run's config")
-            if obj is not None:
-                obj.load_state_dict(state)  # after the optimiser: masks zero its restored state too
+        load_hook_states(tr.hooks, payload["hooks"], path)  # after the optimiser: masks zero its state too
     except CheckpointError:
         raise
     except Exception as e:  # shapes, keys, a policy refusing its state: the file does not fit this run

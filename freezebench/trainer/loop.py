@@ -20,11 +20,11 @@ import random
 import resource
 import signal
 import sys
-import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -43,6 +43,7 @@ from ..features.cache import PrefixCache
 from ..errors import ConfigError, NonFiniteLossError, TrainingInterrupted
 from ..fileio import atomic_torch_save, check_writable_folder
 from .freezer import FreezeEvent, Freezer, param_groups
+from .hooks import CacheHook, Hook, PolicyHook, SieveHook, SparsityHook, StopSignalHook, TrackingHook, overrides
 from ..policy import Decision, FreezePolicy, Plan, Signal, Signals
 from ..registry import MODELS, POLICIES
 from ..features.sieve import sieve_data
@@ -119,11 +120,12 @@ class Trainer:
     """Builds model, data, policy and tracking from a config and trains.
 
     ``model``, ``data`` and ``policy`` may be passed in to override what the config would build (tests,
-    benchmarks, library use).
+    benchmarks, library use); ``hooks`` are extra :class:`freezebench.trainer.hooks.Hook` s, run after the
+    built-in ones in their order.
     """
 
     def __init__(self, cfg: DictConfig, *, model: torch.nn.Module | None = None, data: DataBundle | None = None,
-                 policy: FreezePolicy | None = None):
+                 policy: FreezePolicy | None = None, hooks: Sequence[Hook] = ()):
         self.cfg = cfg
         tc = cfg.trainer
         self.dist = distributed.from_env()  # under torchrun: data parallel (freezebench.trainer.distributed)
@@ -196,9 +198,33 @@ class Trainer:
         self._stop_signal: int | None = None  # set by SIGTERM/SIGINT: checkpoint at the next step boundary, stop
         self._pending_rng: dict[str, Any] | None = None  # random states to restore when the resumed loop starts
         self._final_accounting: dict[str, Any] | None = None
-        self._resumed = self._load_resume()  # may set tracking.run_id: a resumed run continues its MLflow run
-        self.tracker: NullTracker = make_tracker(cfg.tracking) if self.rank == 0 else NullTracker()
         self.cache: PrefixCache | None = self._build_cache()
+        self.hooks: list[Hook] = self._build_hooks(hooks)
+        self._resumed = self._load_resume()  # may set tracking.run_id: a resumed run continues its MLflow run
+        # resumed from a finished checkpoint whose end was never logged: fit() only closes the run
+        self._closing = self._resumed is not None and self._resumed["finished"]
+        self.tracker: NullTracker = make_tracker(cfg.tracking) if self.rank == 0 else NullTracker()
+
+    def _build_hooks(self, extra: Sequence[Hook]) -> list[Hook]:
+        """The built-in hooks (see :mod:`freezebench.trainer.hooks` for their order), then ``extra``."""
+        from ..features.grad_norm import GradNormHook
+
+        hooks: list[Hook | None] = [
+            TrackingHook(),
+            StopSignalHook(),
+            SparsityHook(self.sparsity) if self.sparsity is not None else None,
+            SieveHook(self.sieve) if self.sieve is not None else None,
+            PolicyHook(self.policy),
+            CacheHook(self.cache) if self.cache is not None else None,
+            GradNormHook.from_trainer(self),
+            *extra,
+        ]
+        out = [h for h in hooks if h is not None]
+        names = [h.name for h in out]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ConfigError(f"two trainer hooks are named {dup[0]!r}; give each hook its own name")
+        return out
 
     # --- names ---------------------------------------------------------------------------------------
     @property
@@ -326,7 +352,15 @@ class Trainer:
             self._set_lr(step)
         return events
 
-    def _policy_tick(self, step: int, losses: torch.Tensor, idx: torch.Tensor) -> None:
+    def initial_decision(self) -> None:
+        """A decision before the first step (static freezing at step 0, schedules that start frozen)."""
+        if self._resumed is None and self.policy.decide_at(0):
+            t0 = time.perf_counter()
+            self.apply(self._decide(0), 0)
+            self.policy_time += time.perf_counter() - t0
+
+    def policy_tick(self, step: int, losses: torch.Tensor, idx: torch.Tensor) -> None:
+        """After optimiser step ``step``: the policy observes and decides when it asked to (timed as policy)."""
         obs = self.policy.observe_at(step)
         dec = self.policy.decide_at(step)
         if not (obs or dec):
@@ -368,33 +402,51 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------------------
     def fit(self) -> RunResult:
-        """Train, tracking the run in MLflow (marked FAILED if anything raises)."""
-        self.tracker.start(self.run_name, self.tags())
-        restore_handlers = self._install_signal_handlers()
+        """Train: every hook's ``on_fit_start``, the epochs, the final checkpoint, every hook's ``on_fit_end``
+        (in reverse order, also when something raised: the tracking hook then marks the run FAILED/KILLED)."""
         # denormal floats make CPU kernels up to 100x slower once gradients get tiny late in training;
         # flushing them is process-wide state, so it is switched back off when the fit ends
         torch.set_flush_denormal(True)
+        started: list[Hook] = []
+        result: RunResult | None = None
+        error: BaseException | None = None
         try:
-            self._log_start()
+            self._t_start = time.perf_counter()
+            for h in self.hooks:
+                started.append(h)
+                h.on_fit_start(self)
             result = self._fit()
-            if self.rank == 0:
-                self._log_end(result)
+            if not self._closing:
+                self._save_final_state()  # finished=True; the tracking hook then logs the last epoch
+                if faults.ARMED:  # test-only SIGKILL (freezebench.faults)
+                    faults.at("after_epoch_log", self.plan.epochs)
         except BaseException as e:
-            if self.tracker.run_id:
-                self.tracker.set_tags({"error": f"{type(e).__name__}: {str(e)[:400]}"})
-            self.tracker.finish("KILLED" if isinstance(e, (KeyboardInterrupt, TrainingInterrupted)) else "FAILED")
+            error = e
             raise
         finally:
             torch.set_flush_denormal(False)
-            restore_handlers()
-        if self._resumed is not None:
-            self.tracker.delete_tags(["error"])  # a stale error of the interrupted attempt
-        self.tracker.finish("FINISHED")
-        if self._final_accounting is not None and self.cfg.trainer.checkpoint_every and self.rank == 0:
-            reliability.mark_closed(self.run_dir, self.tracker.run_id)  # resume=auto leaves this run alone now
+            self._end_hooks(started, result, error)
+        if self.cfg.trainer.checkpoint_every and self.rank == 0:  # the end is logged and the run closed:
+            reliability.mark_closed(self.run_dir, self.tracker.run_id)  # resume=auto leaves this run alone
         return result
 
-    def _log_start(self) -> None:
+    def _end_hooks(self, started: list[Hook], result: RunResult | None, error: BaseException | None) -> None:
+        """``on_fit_end`` of every started hook, last first. All run; when the fit itself succeeded, the first
+        hook error is raised after them (the hooks after it see it as the fit's error)."""
+        original, first = error, None
+        for h in reversed(started):
+            try:
+                h.on_fit_end(self, result, error)
+            except BaseException as e:
+                if first is None:
+                    first = e
+                if error is None:  # e.g. the tracking hook then marks the run FAILED
+                    error, result = e, None
+        if original is None and first is not None:
+            raise first
+
+    def log_start(self) -> None:
+        """Parameters, config and unit table to the tracker (the tracking hook's start)."""
         self.tracker.log_params({**flatten(self.cfg), "units.count": len(self.units),
                                  "units.params": self.partition.total_params,
                                  "units.gflops_per_sample_full": self.cost.full_step_flops / 1e9})
@@ -413,14 +465,9 @@ class Trainer:
         full_cost = self.dense_full_step_flops  # dense and unfrozen: what `full` training spends per sample
         tflops = tflops_full = 0.0
         history: list[dict[str, float]] = []
-        t_start = time.perf_counter()
+        t_start = self._t_start
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        # a decision before the first step (static freezing at step 0, schedules that start frozen)
-        if self._resumed is None and self.policy.decide_at(0):
-            t0 = time.perf_counter()
-            self.apply(self._decide(0), 0)
-            self.policy_time += time.perf_counter() - t0
         if self.dist is not None and self.train_model is self.model:
             self._wrap_ddp()
         if self._resumed is None and tc.checkpoint_every:
@@ -434,6 +481,8 @@ class Trainer:
         # config values read in the step loop, copied once (an OmegaConf attribute read costs ~10 us)
         channels_last = tc.channels_last and self.device.type == "cuda"
         check_every = tc.check_finite_every
+        step_hooks = [h.after_step for h in self.hooks if overrides(h, "after_step")]  # built once: no per-step cost
+        epoch_hooks = [h for h in self.hooks if overrides(h, "on_epoch_end")]
         start_epoch = 0
         if self._resumed is not None:  # continue where the checkpoint left off
             acc = self._resumed["accounting"]
@@ -441,7 +490,6 @@ class Trainer:
             val_loss, val_acc = acc["val_loss"], acc["val_acc"]
             t_start -= acc["elapsed_s"]
             start_epoch = self._resumed["position"]["epoch"]
-        self._logged = len(history)  # epochs already logged (a resume logs its own history in _log_start)
         for epoch in range(start_epoch, plan.epochs):
             self.freezer.train_mode()
             self.data.train.set_epoch(epoch)
@@ -484,10 +532,6 @@ class Trainer:
                     loss.backward()
                     self.optimizer.step()
                 self.step += 1
-                if self.sparsity is not None:
-                    self.sparsity.after_step(self.step)  # masked weights and their optimiser state back to 0
-                if self.sieve is not None:
-                    self.sieve.record(idx, losses.detach())  # per-sample losses of this forward, for sieving
                 n = len(y)
                 samples += n
                 loss_sum += losses.detach().sum()
@@ -496,7 +540,8 @@ class Trainer:
                 if self.step % check_every == 0:
                     self._check_finite(loss)
                     bar.set_postfix(loss=f"{loss.item():.3f}", frozen=len(self.freezer.frozen), refresh=False)
-                self._policy_tick(self.step, losses, idx)
+                for after_step in step_hooks:  # sparsity, sieve, the policy tick, ... (freezebench.trainer.hooks)
+                    after_step(self, self.step, losses, idx)
                 bar.update(1)
                 if self._should_stop():
                     part = {"samples": samples, "flops_epoch": flops_epoch, "loss_sum": loss_sum.detach().cpu(),
@@ -537,13 +582,12 @@ class Trainer:
                 "lr": self.current_lr_factor * self.cfg.optim.lr,
                 "data/samples_per_epoch": float(samples),
             }
-            if self.sparsity is not None:
-                m["sparsity/density"] = self.sparsity.density()
-            m.update({f"policy/{k}": float(v) for k, v in self.policy.epoch_metrics().items()})
-            if self.cache is not None:
-                m.update(self.cache.metrics())
+            for h in self.hooks:
+                m.update(h.epoch_metrics())
             m = {k: v for k, v in m.items() if not (isinstance(v, float) and math.isnan(v))}
             history.append(m)
+            for h in epoch_hooks:  # tracking logs m
+                h.on_epoch_end(self, epoch, m)
             if bar_enabled:
                 tqdm.write(
                     f"epoch {epoch + 1:>3}/{plan.epochs}  loss {train_loss:.4f}  val/acc {val_acc:.4f}  "
@@ -551,32 +595,26 @@ class Trainer:
                     f"{m['time/epoch_s']:.1f}s (policy {policy_s:.2f}s)",
                     file=sys.stderr,
                 )
-            # exactly once (freezebench.trainer.reliability): the checkpoint first, then the metrics it covers
             accounting = self._accounting(tflops, tflops_full, history, val_loss, val_acc, t_start)
-            due = bool(tc.checkpoint_every) and (epoch + 1) % tc.checkpoint_every == 0 and not last
-            if due:
+            if tc.checkpoint_every and (epoch + 1) % tc.checkpoint_every == 0 and not last:
                 self.save_state(epoch=epoch + 1, batch=0, epoch_acc=None, accounting=accounting)
-            if last:
-                final = dict(history[-1])
-                final.update({
-                    "time/total_s": time.perf_counter() - t_start,
-                    "time/policy_total_s": self.policy_time,
-                    "cost/saving_frac": 1 - tflops / tflops_full if tflops_full else 0.0,
-                    "freeze/events": float(len(self.freezer.events)),
-                })
-                self._final_accounting = {**accounting, "final": final}
-                self._save_final_state()  # finished=True, before the last epoch is logged
-                if faults.ARMED:
-                    faults.at("after_final_checkpoint", epoch + 1)
-            if due or last or not tc.checkpoint_every:
-                for i in range(self._logged, len(history)):
-                    self.tracker.log_metrics(history[i], step=i + 1)
-                self._logged = len(history)
-            if faults.ARMED:
+            if faults.ARMED and not last:  # test-only SIGKILL (freezebench.faults)
                 faults.at("after_epoch_log", epoch + 1)
-        if self._final_accounting is None:  # resumed from a finished checkpoint: only its end is redone
-            self._final_accounting = dict(self._resumed["accounting"])
-            final = dict(self._final_accounting.get("final") or history[-1])
+        if self._closing:  # resumed from a finished checkpoint: only the run's end is redone (reliability.py)
+            return RunResult(run_id=self.tracker.run_id, metrics=dict(self._resumed["accounting"]["final"]),
+                             history=history, events=list(self.freezer.events),
+                             unit_names=[u.name for u in self.units])
+        total = time.perf_counter() - t_start
+        final = dict(history[-1]) if history else {}
+        final.update({
+            "time/total_s": total,
+            "time/policy_total_s": self.policy_time,
+            "cost/saving_frac": 1 - tflops / tflops_full if tflops_full else 0.0,
+            "freeze/events": float(len(self.freezer.events)),
+        })
+        # the finished checkpoint carries the final metrics, so that a resume can close the run without training
+        self._final_accounting = {**self._accounting(tflops, tflops_full, history, val_loss, val_acc, t_start),
+                                  "final": final}
         return RunResult(run_id=self.tracker.run_id, metrics=final, history=history,
                          events=list(self.freezer.events), unit_names=[u.name for u in self.units])
 
@@ -614,7 +652,7 @@ class Trainer:
         pos = payload["position"]
         log.warning("resuming from %s: epoch %d, batch %d, step %d%s", path, pos["epoch"], pos["batch"], pos["step"],
                     f", MLflow run {run_id}" if run_id else "")
-        return {"path": str(path), "position": pos, "epoch_acc": epoch_acc,
+        return {"path": str(path), "position": pos, "epoch_acc": epoch_acc, "finished": bool(payload.get("finished")),
                 "accounting": payload["accounting"], "run_id": run_id}
 
     def _accounting(self, tflops: float, tflops_full: float, history: list[dict[str, float]], val_loss: float,
@@ -659,6 +697,10 @@ class Trainer:
                 raise ckpt.CheckpointError(message)
         if error is not None:
             raise error
+        if finished and faults.ARMED:  # test-only SIGKILL (freezebench.faults)
+            faults.at("after_final_checkpoint", epoch)
+        for h in self.hooks:  # e.g. tracking logs the epochs this checkpoint covers (exactly once)
+            h.on_checkpoint(self, epoch, finished)
         return path
 
     def _save_final_state(self) -> None:
@@ -701,6 +743,11 @@ class Trainer:
         """Stop at the next step boundary after writing a checkpoint (what SIGTERM and SIGINT do)."""
         self._stop_signal = int(signum)
 
+    @property
+    def stop_requested(self) -> int | None:
+        """The signal number a stop was requested with (:meth:`request_stop`), else ``None``."""
+        return self._stop_signal
+
     def _interrupt(self, epoch: int, batch: int, part: dict[str, Any], accounting: dict[str, Any]) -> None:
         signum = self._stop_signal or signal.SIGTERM
         path = self.save_state(epoch=epoch, batch=batch, epoch_acc=part, accounting=accounting)
@@ -708,28 +755,6 @@ class Trainer:
         raise TrainingInterrupted(
             f"{name}: stopped at step {self.step} (epoch {epoch + 1}, batch {batch}); checkpoint {path}; continue "
             f"with the same command line plus resume={path} (or resume=auto)", signum, str(path) if path else None)
-
-    def _install_signal_handlers(self) -> Any:
-        """SIGTERM/SIGINT: checkpoint at the next step boundary, then stop; a second signal stops at once."""
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-
-        def handler(signum: int, frame: Any) -> None:
-            if self._stop_signal is not None:
-                raise KeyboardInterrupt
-            self._stop_signal = signum
-            print(f"freezebench: {signal.Signals(signum).name} received: writing a checkpoint at the next step "
-                  f"boundary, then stopping (send it again to stop at once)", file=sys.stderr, flush=True)
-
-        for s in previous:
-            signal.signal(s, handler)
-
-        def restore() -> None:
-            for s, h in previous.items():
-                signal.signal(s, h)
-
-        return restore
 
     def _check_finite(self, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss).all():
@@ -756,7 +781,8 @@ class Trainer:
         """Write the final weights atomically (temporary file + rename)."""
         return atomic_torch_save(self.checkpoint_payload(), path)
 
-    def _log_end(self, result: RunResult) -> None:
+    def log_end(self, result: RunResult) -> None:
+        """Freeze events, timeline plot, summary, final weights and end metrics (the tracking hook's end)."""
         ev = result.events
         cols = {
             "unit": [e.unit for e in ev], "name": [e.name for e in ev], "step": [e.step for e in ev],

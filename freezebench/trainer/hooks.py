@@ -1,0 +1,256 @@
+"""Trainer hooks: the one extension point of the training loop.
+
+    from freezebench.trainer import Trainer
+    from freezebench.trainer.hooks import Hook
+
+    class StopAt(Hook):
+        name = "stop_at"
+
+        def __init__(self, step: int):
+            self.step = step
+
+        def after_step(self, trainer, step, losses, idx):
+            if step == self.step:
+                trainer.request_stop()          # checkpoint at this step boundary, then stop
+
+    Trainer(cfg, hooks=[StopAt(6)]).fit()
+
+A hook sees five events and may keep state:
+
+* ``on_fit_start(trainer)``: once, before the first step (after a resume has been applied);
+* ``after_step(trainer, step, losses, idx)``: after every optimiser step; ``step`` is the 1-based count of
+  optimiser steps, ``losses`` the step's per-sample training losses (device tensor, not detached from the
+  graph's values, do not call ``backward``), ``idx`` their dataset indices;
+* ``on_epoch_end(trainer, epoch, metrics)``: after an epoch's evaluation and metrics (``metrics`` is the
+  dict logged for that epoch, every hook's :meth:`Hook.epoch_metrics` included; read it, do not change it);
+* ``on_fit_end(trainer, result, error)``: once, in reverse hook order, also when the fit raised (``result``
+  is then ``None`` and ``error`` the exception, re-raised after every hook ran);
+* ``on_checkpoint(trainer, epoch, finished)``: after every ``last.pt`` write (``epoch`` epochs complete,
+  ``finished`` for the run's final state); the tracking hook logs an epoch's metrics only here, once a
+  checkpoint covers them (exactly once across crashes, :mod:`freezebench.trainer.reliability`);
+* ``epoch_metrics()``: this epoch's metrics of the hook, merged into the epoch's metric dict (logged to
+  MLflow, kept in ``RunResult.history``);
+* ``state_dict()`` / ``load_state_dict(state)``: a hook whose ``state_dict()`` returns a dict is stored in the
+  checkpoint under its :attr:`Hook.name` (``payload["hooks"][name]``) and restored on resume, after the
+  model, freezer, policy and optimiser (so a hook may adjust the restored optimiser state); ``None``: the hook
+  has no state. Resume refuses a checkpoint whose stateful hooks differ from this run's.
+
+Names must be unique within a trainer. The loop calls ``after_step`` only on hooks that override it (the
+list is built once, before the first step), so a hook that only logs per epoch costs nothing per step.
+
+Built-in hooks (assembled by :func:`freezebench.trainer.loop.Trainer`, in this order): ``tracking``
+(MLflow run start, per-epoch metrics, end-of-run artifacts), ``stop_signal`` (SIGTERM/SIGINT handlers),
+``sparsity`` (:mod:`freezebench.features.sparsity`), ``sieve`` (:mod:`freezebench.features.sieve`),
+``policy`` (the policy's observe/decide tick and its epoch metrics), ``cache``
+(:mod:`freezebench.features.cache`'s metrics), ``grad_norm`` (``trainer.grad_norm_metric``); then the hooks
+passed as ``Trainer(cfg, hooks=[...])``, in their order.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:  # the loop imports this module
+    from .loop import RunResult, Trainer
+
+
+class Hook:
+    """Base class: every event is a no-op; override the ones the feature needs (see the module docstring)."""
+
+    name: str = "hook"
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        """Once, before the first step (a resumed trainer is already in its restored state)."""
+
+    def after_step(self, trainer: Trainer, step: int, losses: torch.Tensor, idx: torch.Tensor) -> None:
+        """After optimiser step ``step`` (1-based); ``losses``/``idx``: the step's per-sample losses, indices."""
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None:
+        """After epoch ``epoch`` (0-based) was evaluated; ``metrics``: what is logged for it."""
+
+    def on_fit_end(self, trainer: Trainer, result: RunResult | None, error: BaseException | None) -> None:
+        """Once, in reverse hook order, also after an error (then ``result`` is None)."""
+
+    def on_checkpoint(self, trainer: Trainer, epoch: int, finished: bool) -> None:
+        """After ``last.pt`` was written (``epoch`` epochs complete; ``finished``: the run's final state)."""
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """This hook's metrics of the epoch that just ended (merged into the epoch's metrics)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """The hook's state for the checkpoint (``None``: stateless, nothing is stored)."""
+        return None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+
+def overrides(hook: Hook, event: str) -> bool:
+    """Whether ``hook``'s class implements ``event`` (the loop calls only those, e.g. per step)."""
+    return getattr(type(hook), event) is not getattr(Hook, event)
+
+
+# --- built-in hooks ----------------------------------------------------------------------------------------
+class SparsityHook(Hook):
+    """Sparse training (``sparsity.*``): re-mask weights and optimiser state after every step."""
+
+    name = "sparsity"
+
+    def __init__(self, sparsity: Any):
+        self.sparsity = sparsity
+
+    def after_step(self, trainer: Trainer, step: int, losses: torch.Tensor, idx: torch.Tensor) -> None:
+        self.sparsity.after_step(step)  # masked weights and their optimiser state back to 0
+
+    def epoch_metrics(self) -> dict[str, float]:
+        return {"sparsity/density": self.sparsity.density()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.sparsity.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sparsity.load_state_dict(state)  # after the optimiser: masks zero its restored state too
+
+
+class SieveHook(Hook):
+    """Data sieving (``data.sieve.*``): the per-sample losses of every training forward, for the sieve."""
+
+    name = "sieve"
+
+    def __init__(self, sieve: Any):
+        self.sieve = sieve
+
+    def after_step(self, trainer: Trainer, step: int, losses: torch.Tensor, idx: torch.Tensor) -> None:
+        self.sieve.record(idx, losses.detach())
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.sieve.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sieve.load_state_dict(state)
+
+
+class PolicyHook(Hook):
+    """The policy's tick: a decision before the first step, then ``observe``/``decide`` when due."""
+
+    name = "policy"
+
+    def __init__(self, policy: Any):
+        self.policy = policy
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        trainer.initial_decision()
+
+    def after_step(self, trainer: Trainer, step: int, losses: torch.Tensor, idx: torch.Tensor) -> None:
+        trainer.policy_tick(step, losses, idx)
+
+    def epoch_metrics(self) -> dict[str, float]:
+        return {f"policy/{k}": float(v) for k, v in self.policy.epoch_metrics().items()}
+
+
+class CacheHook(Hook):
+    """The frozen-prefix cache's bookkeeping (``trainer.cache_frozen_prefix``): its per-epoch metrics."""
+
+    name = "cache"
+
+    def __init__(self, cache: Any):
+        self.cache = cache
+
+    def epoch_metrics(self) -> dict[str, float]:
+        return self.cache.metrics()
+
+
+class StopSignalHook(Hook):
+    """SIGTERM/SIGINT: checkpoint at the next step boundary, then stop; a second signal stops at once.
+
+    Installed for the fit (main thread only), the previous handlers restored at its end.
+    """
+
+    name = "stop_signal"
+
+    def __init__(self) -> None:
+        self._previous: dict[int, Any] = {}
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self._previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+        def handler(signum: int, frame: Any) -> None:
+            if trainer.stop_requested is not None:
+                raise KeyboardInterrupt
+            trainer.request_stop(signum)
+            print(f"freezebench: {signal.Signals(signum).name} received: writing a checkpoint at the next step "
+                  f"boundary, then stopping (send it again to stop at once)", file=sys.stderr, flush=True)
+
+        for s in self._previous:
+            signal.signal(s, handler)
+
+    def on_fit_end(self, trainer: Trainer, result: RunResult | None, error: BaseException | None) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous = {}
+
+
+class TrackingHook(Hook):
+    """MLflow: the run starts with the fit, every epoch's metrics are logged, the end logs the artifacts.
+
+    The run is marked KILLED (interrupted) or FAILED (anything else raised) with an ``error`` tag; a resumed
+    run that finishes loses the stale ``error`` tag. With checkpoints on, an epoch's metrics wait for the
+    checkpoint that covers them (:meth:`on_checkpoint`): MLflow never holds a step that a resume would train
+    and log again (:mod:`freezebench.trainer.reliability`).
+    """
+
+    name = "tracking"
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[int, dict[str, float]]] = []  # (step, metrics) not covered by a checkpoint yet
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        trainer.tracker.start(trainer.run_name, trainer.tags())
+        trainer.log_start()
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None:
+        if trainer.cfg.trainer.checkpoint_every:
+            self.pending.append((epoch + 1, dict(metrics)))
+        else:  # no checkpoints, no resume: nothing to wait for
+            trainer.tracker.log_metrics(metrics, step=epoch + 1)
+
+    def on_checkpoint(self, trainer: Trainer, epoch: int, finished: bool) -> None:
+        for step, metrics in self.pending:
+            if step <= epoch:
+                trainer.tracker.log_metrics(metrics, step=step)
+        self.pending = [(s, m) for s, m in self.pending if s > epoch]
+
+    def on_fit_end(self, trainer: Trainer, result: RunResult | None, error: BaseException | None) -> None:
+        tracker = trainer.tracker
+        if error is None and result is not None:
+            try:
+                if trainer.rank == 0:
+                    trainer.log_end(result)
+                    if trainer._resumed is not None:
+                        tracker.delete_tags(["error"])  # the interrupted attempt's error is history now
+            except BaseException as e:
+                error = e
+                raise
+            finally:
+                if error is not None:
+                    self._failed(tracker, error)
+            tracker.finish("FINISHED")
+            return
+        if error is not None:
+            self._failed(tracker, error)
+
+    @staticmethod
+    def _failed(tracker: Any, error: BaseException) -> None:
+        from ..errors import TrainingInterrupted
+
+        if tracker.run_id:
+            tracker.set_tags({"error": f"{type(error).__name__}: {str(error)[:400]}"})
+        tracker.finish("KILLED" if isinstance(error, (KeyboardInterrupt, TrainingInterrupted)) else "FAILED")

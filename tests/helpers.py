@@ -1,0 +1,106 @@
+"""Shared test helpers: trainer hooks that stop or signal at an exact step, exact state comparison.
+
+Importable from the tests (pytest puts ``tests/`` on ``sys.path``) and from the scripts in ``tests/`` run as
+subprocesses (a script's folder is on its ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from freezebench.trainer.hooks import Hook
+
+
+class StopAt(Hook):
+    """Request a stop (SIGTERM's path: checkpoint at this step boundary, then stop) after optimiser step ``step``."""
+
+    name = "test_stop_at"
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def after_step(self, trainer: Any, step: int, losses: torch.Tensor, idx: torch.Tensor) -> None:
+        if step == self.step:
+            trainer.request_stop()
+
+
+class SignalAt(Hook):
+    """Send this process ``signum`` right after optimiser step ``step`` (when ``when(trainer)`` holds)."""
+
+    name = "test_signal_at"
+
+    def __init__(self, step: int, signum: int, when: Callable[[Any], bool] = lambda trainer: True):
+        self.step, self.signum, self.when = step, signum, when
+
+    def after_step(self, trainer: Any, step: int, losses: torch.Tensor, idx: torch.Tensor) -> None:
+        if step == self.step and self.when(trainer):
+            os.kill(os.getpid(), self.signum)
+
+
+class RecordSteps(Hook):
+    """Record the step count of every ``after_step`` call."""
+
+    name = "test_record_steps"
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def after_step(self, trainer: Any, step: int, losses: torch.Tensor, idx: torch.Tensor) -> None:
+        self.steps.append(step)
+
+
+def with_hooks(trainer_cls: type, make_hooks: Callable[[], list[Hook]]) -> None:
+    """Make every ``trainer_cls(...)`` built from now on (e.g. by the CLI in a subprocess) get these hooks."""
+    init = trainer_cls.__init__
+
+    def init_with_hooks(self: Any, cfg: Any, **kw: Any) -> None:
+        init(self, cfg, **kw, hooks=[*kw.pop("hooks", ()), *make_hooks()])
+
+    trainer_cls.__init__ = init_with_hooks
+
+
+def differences(a: Any, b: Any, path: str = "state") -> list[str]:
+    """Where two nested states (dicts, lists, tuples, tensors, numbers, ...) differ; ``[]``: exactly equal.
+
+    Tensors must agree in dtype, shape and every element (``torch.equal``; NaNs in the same places count as
+    equal); floats exactly (NaN equals NaN); containers in type, keys and length.
+    """
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            return [f"{path}: {type(a).__name__} vs {type(b).__name__}"]
+        if a.dtype != b.dtype or a.shape != b.shape:
+            return [f"{path}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"]
+        a, b = a.detach().cpu(), b.detach().cpu()
+        if a.is_floating_point() or a.is_complex():
+            same = torch.equal(a, b) or torch.equal(torch.nan_to_num(a, nan=0.0), torch.nan_to_num(b, nan=0.0)) \
+                and torch.equal(torch.isnan(a), torch.isnan(b))
+        else:
+            same = torch.equal(a, b)
+        return [] if same else [f"{path}: tensors differ"]
+    if type(a) is not type(b):
+        return [f"{path}: {type(a).__name__} vs {type(b).__name__}"]
+    if isinstance(a, dict):
+        if list(a) != list(b):
+            return [f"{path}: keys {list(a)} vs {list(b)}"]
+        return [d for k in a for d in differences(a[k], b[k], f"{path}[{k!r}]")]
+    if isinstance(a, (list, tuple)):
+        if len(a) != len(b):
+            return [f"{path}: length {len(a)} vs {len(b)}"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{path}[{i}]")]
+    if isinstance(a, (set, frozenset)):
+        return [] if a == b else [f"{path}: {sorted(a)} vs {sorted(b)}"]
+    if isinstance(a, float):
+        return [] if a == b or (a != a and b != b) else [f"{path}: {a!r} vs {b!r}"]
+    if hasattr(a, "__dict__") and not isinstance(a, type):  # dataclasses, small records
+        return differences(vars(a), vars(b), f"{path}.")
+    return [] if a == b else [f"{path}: {a!r} vs {b!r}"]
+
+
+def assert_state_equal(a: Any, b: Any) -> None:
+    """Assert two nested states are exactly equal (see :func:`differences`), naming the first few differences."""
+    diff = differences(a, b)
+    assert not diff, "; ".join(diff[:5]) + (f"; ... ({len(diff)} in all)" if len(diff) > 5 else "")
