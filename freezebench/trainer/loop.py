@@ -601,7 +601,7 @@ class Trainer:
             if faults.ARMED and not last:  # test-only SIGKILL (freezebench.faults)
                 faults.at("after_epoch_log", epoch + 1)
         if self._closing:  # resumed from a finished checkpoint: only the run's end is redone (reliability.py)
-            return RunResult(run_id=self.tracker.run_id, metrics=dict(self._resumed["accounting"]["final"]),
+            return RunResult(run_id=self.tracker.run_id, metrics=dict(self._resumed["accounting"].get("final") or history[-1]),
                              history=history, events=list(self.freezer.events),
                              unit_names=[u.name for u in self.units])
         total = time.perf_counter() - t_start
