@@ -601,8 +601,8 @@ class Trainer:
             if faults.ARMED and not last:  # test-only SIGKILL (freezebench.faults)
                 faults.at("after_epoch_log", epoch + 1)
         if self._closing:  # resumed from a finished checkpoint: only the run's end is redone (reliability.py)
-            return RunResult(run_id=self.tracker.run_id, metrics=dict(self._resumed["accounting"].get("final") or history[-1]),
-                             history=history, events=list(self.freezer.events),
+            final = dict(self._resumed["accounting"].get("final") or history[-1])
+            return RunResult(run_id=self.tracker.run_id, metrics=final, history=history, events=list(self.freezer.events),
                              unit_names=[u.name for u in self.units])
         total = time.perf_counter() - t_start
         final = dict(history[-1]) if history else {}
@@ -652,8 +652,8 @@ class Trainer:
         pos = payload["position"]
         log.warning("resuming from %s: epoch %d, batch %d, step %d%s", path, pos["epoch"], pos["batch"], pos["step"],
                     f", MLflow run {run_id}" if run_id else "")
-        return {"path": str(path), "position": pos, "epoch_acc": epoch_acc, "finished": bool(payload.get("finished")),
-                "accounting": payload["accounting"], "run_id": run_id}
+        return {"path": str(path), "position": pos, "epoch_acc": epoch_acc, "accounting": payload["accounting"],
+                "run_id": run_id, "finished": bool(payload.get("finished"))}
 
     def _accounting(self, tflops: float, tflops_full: float, history: list[dict[str, float]], val_loss: float,
                     val_acc: float, t_start: float) -> dict[str, Any]:
