@@ -101,7 +101,7 @@ class TrainerConfig:
     channels_last: bool = False  # CUDA: channels_last memory format for conv nets
     seed: int = 0  # seeds Python, NumPy and torch (and the data order)
     deterministic: bool = True  # deterministic kernels (bit-reproducible on CPU)
-    allow_inexact_resume: bool = False  # resume a checkpoint written with other threads / device / torch even under deterministic=true (not bit-exact)
+    allow_inexact_resume: bool = False  # resume a checkpoint of other threads/device/torch under deterministic=true
     probe_batch_size: int = 64  # size of the fixed, seeded probe batch for activation signals
     max_steps_per_epoch: int | None = None  # cap the steps per epoch (quick runs, benchmarks)
     eval_every: int = 1  # evaluate every N epochs (the last epoch is always evaluated)

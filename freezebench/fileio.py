@@ -57,7 +57,8 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike, *, before_replace: Callable[[], None] | None = None) -> Path:
+def atomic_torch_save(obj: Any, path: str | os.PathLike, *,
+                      before_replace: Callable[[], None] | None = None) -> Path:
     """``torch.save`` to a temporary file in the same folder, fsync, ``os.replace`` onto ``path``, fsync the
     folder. On any failure the temporary file is removed and an existing file at ``path`` is left untouched.
 

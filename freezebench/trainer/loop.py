@@ -602,8 +602,8 @@ class Trainer:
                 faults.at("after_epoch_log", epoch + 1)
         if self._closing:  # resumed from a finished checkpoint: only the run's end is redone (reliability.py)
             final = dict(self._resumed["accounting"].get("final") or history[-1])
-            return RunResult(run_id=self.tracker.run_id, metrics=final, history=history, events=list(self.freezer.events),
-                             unit_names=[u.name for u in self.units])
+            return RunResult(run_id=self.tracker.run_id, metrics=final, history=history,
+                             events=list(self.freezer.events), unit_names=[u.name for u in self.units])
         total = time.perf_counter() - t_start
         final = dict(history[-1]) if history else {}
         final.update({
