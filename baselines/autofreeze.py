@@ -60,8 +60,8 @@ from typing import Any
 
 import torch
 
-from freezebench.errors import ConfigError
 from freezebench.policy import Decision, FreezePolicy, Plan, PolicyConfig, Signal, Signals, epoch_check_offsets
+from freezebench.ranges import Range
 
 
 @dataclass
@@ -137,12 +137,7 @@ class AutoFreeze(FreezePolicy):
     granularity = "block"
     Config = AutoFreezeConfig
 
-    @staticmethod
-    def validate_config(cfg: AutoFreezeConfig) -> None:
-        if cfg.evals_per_epoch < 1:
-            raise ConfigError(f"policy.evals_per_epoch must be >= 1, got {cfg.evals_per_epoch}")
-        if not 0.0 <= cfg.percentile <= 100.0:
-            raise ConfigError(f"policy.percentile must be in [0, 100], got {cfg.percentile}")
+    ranges = {"evals_per_epoch": Range(1), "percentile": Range(0, 100)}
 
     def setup(self, units, plan: Plan) -> None:
         super().setup(units, plan)
@@ -218,12 +213,12 @@ class AutoFreeze(FreezePolicy):
         self._g_prev = dict(zip(active, g_now))
         if any(p is None for p in prev):  # first evaluation: nothing to compare with yet
             return None
-        r = relative_changes(prev, g_now)
-        thr = percentile_linear(r, self.cfg.percentile)
-        k = autofreeze_prefix(r, thr)
+        k = decide_prefix(prev, g_now, self.cfg.percentile)  # the pure core, tested on its own
+        r = relative_changes(prev, g_now)  # for the record and the reason
         self.last_r = dict(zip(active, r))
         if k == 0:
             return None
+        thr = percentile_linear(r, self.cfg.percentile)
         shown = ", ".join(f"{u}:{x:.3g}" for u, x in zip(active[: k + 1], r[: k + 1]))
         return Decision(freeze=active[:k],
                         reason=f"grad-norm change r < p{self.cfg.percentile:g} = {thr:.3g} ({shown})")

@@ -76,6 +76,7 @@ import torch
 from freezebench.errors import ConfigError, FreezebenchError
 from freezebench.policy import Decision, FreezePolicy, Plan, PolicyConfig, Signal, Signals, epoch_check_offsets
 from freezebench.analysis.similarity import cka_from_grams, gram_linear
+from freezebench.ranges import Range
 
 log = logging.getLogger(__name__)
 
@@ -248,8 +249,12 @@ class CKAOracle(FreezePolicy):
     granularity = "layer"
     Config = CKAOracleConfig
 
-    @staticmethod
-    def validate_config(cfg: CKAOracleConfig) -> None:
+    ranges = {"checks_per_epoch": Range(1), "window": Range(2, note="checks (the variance of one value is 0)"),
+              "var_threshold": Range(0, lo_open=True), "cutoff": Range(0, 1, hi_open=True)}
+
+    @classmethod
+    def validate_config(cls, cfg: Any) -> None:
+        super().validate_config(cfg)
         if not cfg.reference:
             raise ConfigError(
                 "policy.reference is required: the checkpoint of a well-trained run of the same model, e.g. "
@@ -260,14 +265,6 @@ class CKAOracle(FreezePolicy):
                 f"policy.reference={cfg.reference!r} does not exist (or is not a file); pass the final.pt of "
                 f"an earlier run of the same model, e.g. outputs/<run_id>/final.pt, or runs:/<run_id>"
             )
-        if cfg.checks_per_epoch < 1:
-            raise ConfigError(f"policy.checks_per_epoch must be >= 1, got {cfg.checks_per_epoch}")
-        if cfg.window < 2:
-            raise ConfigError(f"policy.window must be >= 2 checks (the variance of one value is 0), got {cfg.window}")
-        if not cfg.var_threshold > 0:
-            raise ConfigError(f"policy.var_threshold must be > 0, got {cfg.var_threshold}")
-        if not 0.0 <= cfg.cutoff < 1.0:
-            raise ConfigError(f"policy.cutoff must be in [0, 1), got {cfg.cutoff}")
 
     def setup(self, units, plan: Plan) -> None:
         super().setup(units, plan)

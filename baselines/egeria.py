@@ -92,6 +92,7 @@ from torch import nn
 from freezebench.errors import ConfigError
 from freezebench.policy import Decision, FreezePolicy, Plan, PolicyConfig, Signal, Signals
 from freezebench.analysis.similarity import sp_gram, sp_loss_from_grams
+from freezebench.ranges import Range
 
 from .cka_oracle import check_steps
 
@@ -213,20 +214,13 @@ class Egeria(FreezePolicy):
     Config = EgeriaConfig
     _job = staticmethod(reference_grams)  # the background job (tests replace it to hold it back)
 
-    @staticmethod
-    def validate_config(cfg: Any) -> None:
-        if cfg.checks_per_epoch < 1:
-            raise ConfigError(f"policy.checks_per_epoch must be >= 1, got {cfg.checks_per_epoch}")
-        if cfg.bootstrap_epochs < 1:
-            raise ConfigError(f"policy.bootstrap_epochs must be >= 1 epoch, got {cfg.bootstrap_epochs}")
-        if cfg.refresh_every < 1:
-            raise ConfigError(f"policy.refresh_every must be >= 1 epoch, got {cfg.refresh_every}")
-        if cfg.window < 2:
-            raise ConfigError(f"policy.window must be >= 2 checks (a slope needs two points), got {cfg.window}")
-        if not cfg.tolerance >= 0:
-            raise ConfigError(f"policy.tolerance must be >= 0, got {cfg.tolerance}")
-        if cfg.patience < 1:
-            raise ConfigError(f"policy.patience must be >= 1 check, got {cfg.patience}")
+    ranges = {"checks_per_epoch": Range(1), "bootstrap_epochs": Range(1, note="epoch"),
+              "refresh_every": Range(1, note="epoch"), "window": Range(2, note="checks (a slope needs two points)"),
+              "tolerance": Range(0), "patience": Range(1, note="check")}
+
+    @classmethod
+    def validate_config(cls, cfg: Any) -> None:
+        super().validate_config(cfg)
         if cfg.precision not in PRECISIONS:
             raise ConfigError(f"policy.precision={cfg.precision!r} is not one of {', '.join(PRECISIONS)}")
 

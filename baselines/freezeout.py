@@ -62,8 +62,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from freezebench.errors import ConfigError
 from freezebench.policy import Decision, FreezePolicy, Plan, PolicyConfig
+from freezebench.ranges import Range
 
 #: the schedule's shaping function s(x) = x ** power
 MODES: dict[str, int] = {"linear": 1, "squared": 2, "cubic": 3}
@@ -145,10 +145,7 @@ class _FreezeOut(FreezePolicy):
     granularity = "block"
     Config = FreezeOutConfig
 
-    @staticmethod
-    def validate_config(cfg: Any) -> None:
-        if not 0.0 < cfg.t0 <= 1.0:
-            raise ConfigError(f"policy.t0 must be in (0, 1] (fraction of training), got {cfg.t0}")
+    ranges = {"t0": Range(0, 1, lo_open=True, note="(fraction of training)")}
 
     def setup(self, units, plan: Plan) -> None:
         super().setup(units, plan)

@@ -42,8 +42,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from freezebench.errors import ConfigError
 from freezebench.policy import Decision, FreezePolicy, Plan, PolicyConfig
+from freezebench.ranges import Range
 
 _REL_TOL = 1e-9
 
@@ -68,10 +68,7 @@ class PipeTransformerFreezing(FreezePolicy):
     granularity = "block"
     Config = PipeTransformerConfig
 
-    @staticmethod
-    def validate_config(cfg: Any) -> None:
-        if not 0.0 < cfg.alpha <= 1.0:
-            raise ConfigError(f"policy.alpha must be in (0, 1], got {cfg.alpha}")
+    ranges = {"alpha": Range(0, 1, lo_open=True)}
 
     def setup(self, units, plan: Plan) -> None:
         super().setup(units, plan)

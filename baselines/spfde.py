@@ -46,8 +46,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from freezebench.cost import CostModel
-from freezebench.errors import ConfigError
 from freezebench.policy import Decision, FreezePolicy, Plan, PolicyConfig
+from freezebench.ranges import Range
 
 
 @dataclass
@@ -120,14 +120,8 @@ class SpFDE(FreezePolicy):
     Config = SpFDEConfig
     config_defaults: ClassVar[dict[str, Any]] = {"sparsity.enabled": True, "data.sieve.enabled": True}
 
-    @staticmethod
-    def validate_config(cfg: Any) -> None:
-        if not 0.0 <= cfg.target_flops_reduction < 1.0:
-            raise ConfigError(f"policy.target_flops_reduction must be in [0, 1), got {cfg.target_flops_reduction}")
-        if not cfg.interval_epochs > 0:
-            raise ConfigError(f"policy.interval_epochs must be > 0, got {cfg.interval_epochs}")
-        if not 0.0 < cfg.fraction <= 1.0:
-            raise ConfigError(f"policy.fraction must be in (0, 1], got {cfg.fraction}")
+    ranges = {"target_flops_reduction": Range(0, 1, hi_open=True), "interval_epochs": Range(0, lo_open=True),
+              "fraction": Range(0, 1, lo_open=True)}
 
     def setup(self, units, plan: Plan) -> None:
         super().setup(units, plan)

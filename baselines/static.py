@@ -15,8 +15,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from freezebench.errors import ConfigError
 from freezebench.policy import Decision, FreezePolicy, Plan, PolicyConfig
+from freezebench.ranges import Range
 
 
 @dataclass
@@ -39,14 +39,7 @@ class StaticFreezing(FreezePolicy):
     name = "static"
     Config = StaticConfig
 
-    @staticmethod
-    def validate_config(cfg: StaticConfig) -> None:
-        if cfg.units is not None and cfg.units < 0:
-            raise ConfigError(f"policy.units must be >= 0, got {cfg.units}")
-        if not 0.0 <= cfg.fraction <= 1.0:
-            raise ConfigError(f"policy.fraction must be in [0, 1], got {cfg.fraction}")
-        if cfg.at_epoch < 0 or (cfg.at_step is not None and cfg.at_step < 0):
-            raise ConfigError("policy.at_epoch / policy.at_step must be >= 0")
+    ranges = {"units": Range(0), "fraction": Range(0, 1), "at_epoch": Range(0), "at_step": Range(0)}
 
     def setup(self, units, plan: Plan) -> None:
         super().setup(units, plan)

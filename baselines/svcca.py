@@ -76,9 +76,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from freezebench.errors import ConfigError
 from freezebench.policy import Decision, FreezePolicy, Plan, PolicyConfig, Signal, Signals
 from freezebench.analysis.similarity import svcca
+from freezebench.ranges import Range
 
 from .cka_oracle import check_steps
 
@@ -186,20 +186,9 @@ class SVCCAFreezing(FreezePolicy):
     granularity = "layer"
     Config = SVCCAConfig
 
-    @staticmethod
-    def validate_config(cfg: SVCCAConfig) -> None:
-        if not 0.0 < cfg.threshold <= 1.0:
-            raise ConfigError(f"policy.threshold must be in (0, 1], got {cfg.threshold}")
-        if cfg.patience < 1:
-            raise ConfigError(f"policy.patience must be >= 1 check, got {cfg.patience}")
-        if cfg.checks_per_epoch < 1:
-            raise ConfigError(f"policy.checks_per_epoch must be >= 1, got {cfg.checks_per_epoch}")
-        if not 0.0 < cfg.keep_variance <= 1.0:
-            raise ConfigError(f"policy.keep_variance must be in (0, 1], got {cfg.keep_variance}")
-        if not cfg.points_per_dim > 0:
-            raise ConfigError(f"policy.points_per_dim must be > 0, got {cfg.points_per_dim}")
-        if cfg.max_points < 2:
-            raise ConfigError(f"policy.max_points must be >= 2, got {cfg.max_points}")
+    ranges = {"threshold": Range(0, 1, lo_open=True), "patience": Range(1, note="check"),
+              "checks_per_epoch": Range(1), "keep_variance": Range(0, 1, lo_open=True),
+              "points_per_dim": Range(0, lo_open=True), "max_points": Range(2)}
 
     def setup(self, units, plan: Plan) -> None:
         super().setup(units, plan)

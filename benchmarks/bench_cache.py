@@ -123,7 +123,7 @@ class Suffix:
 
     @torch.no_grad()
     def evaluate(self) -> None:
-        """Untimed, like the evaluation each trainer ``_fit()`` runs after its epoch (so CPU times compare)."""
+        """Untimed, like the evaluation each trainer's ``end_epoch()`` runs after its epoch (so CPU times compare)."""
         self.model.eval()
         for x, y, _ in self.val:
             F.cross_entropy(self.model(x), y, reduction="sum")
@@ -133,7 +133,7 @@ class Suffix:
 
 
 def trainer_epoch(t: Trainer, steps: int) -> float:
-    return t._fit().history[-1]["time/train_s"] / steps
+    return t.end_epoch(0, t.train_epoch(0))["time/train_s"] / steps
 
 
 def saved_activation_bytes(fn: Any) -> int:
@@ -164,9 +164,9 @@ def one_step_loss(t: Trainer | Suffix) -> None:
             F.cross_entropy(t.suffix(*[v.index_select(0, idx) for v in t.inputs]).float(), y)
         return
     t.data.train.set_epoch(0)
-    x, y, idx = next(iter(t._train_batches()))
-    with t._autocast():
-        out = t._forward(x, idx)
+    x, y, idx = next(iter(t.train_batches()))
+    with t.autocast():
+        out = t.forward(x, idx)
     F.cross_entropy(out.float(), y)
 
 
@@ -179,7 +179,8 @@ def bench_model(args: argparse.Namespace, model: str, device: torch.device) -> d
     cached = Trainer(load_config(overrides(args, model, static + [
         "trainer.cache_frozen_prefix=true", f"trainer.cache_dtype={args.cache_dtype}",
         f"trainer.cache_location={args.cache_location}"])), data=data)
-    frozen._fit()  # apply the static freeze (at step 0) before building the suffix loop
+    for t in (frozen, cached):
+        t.initial_decision()  # the static freeze at step 0, before building the suffix loop
     k = frozen.freezer.frozen_prefix()
     suffix = Suffix(frozen, k, args)
     variants = {"full": lambda: trainer_epoch(full, args.steps), "frozen": lambda: trainer_epoch(frozen, args.steps),

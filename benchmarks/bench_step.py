@@ -19,7 +19,7 @@ What it measures, per model (same architecture, same initial weights, same batch
     ``efficiency`` = (1 - measured) / (1 - predicted), the share of the predicted saving that materialised.
 
 Method: every variant is built once and warmed up with ``--warmup`` untimed epochs; then ``--repeats`` rounds each time
-every variant for one epoch of ``--steps`` steps (``Trainer._fit()`` with ``trainer.epochs=1``, constant
+every variant for one epoch of ``--steps`` steps (``Trainer.train_epoch`` + ``end_epoch`` with ``trainer.epochs=1``, constant
 learning rate), in an order rotated every round so that no variant always runs first or last. Ratios are the
 median over rounds of the per-round (paired) ratios; step times are medians. All variants train on the same
 epoch-0 batch order every round, so the bare model and the trainer's model see the same batches and the same
@@ -56,7 +56,7 @@ from freezebench.trainer import Trainer, resolve_device
 FRACTIONS = (0.25, 0.5, 0.75)
 MIDDLE_FRACTIONS = (0.25, 0.5)  # non-prefix freezing: this share of the freezable units, centred, frozen
 NUM_CLASSES = 10
-VAL_SAMPLES = 2 * NUM_CLASSES  # keep the evaluation _fit() always runs after its last epoch small (not timed)
+VAL_SAMPLES = 2 * NUM_CLASSES  # keep the evaluation end_epoch() runs after the last epoch small (not timed)
 # short timed epochs, many rounds: on a shared machine a burst of contention then spoils few rounds
 DEFAULT_STEPS = {"resnet20": 16, "resnet18": 4}  # ~1.5-5 s per timed epoch on 2 CPU cores
 QUICK_STEPS = {"resnet20": 8, "resnet18": 2}
@@ -226,7 +226,7 @@ class Bare:
 
     @torch.no_grad()
     def evaluate(self) -> None:
-        """Untimed, like the evaluation ``Trainer._fit()`` runs after its last epoch: it leaves the memory
+        """Untimed, like the evaluation ``Trainer.end_epoch()`` runs after the last epoch: it leaves the memory
         allocator in the same state for the next timed epoch of either loop."""
         self.model.eval()
         for x, y, _ in self.data.val:
@@ -249,9 +249,8 @@ def data_only(data: DataBundle, steps: int, device: torch.device) -> float:
 
 def trainer_epoch(trainer: Trainer, steps: int) -> float:
     """Seconds per step of one trainer epoch, from the trainer's own ``time/train_s``."""
-    result = trainer._fit()
-    h = result.history[-1]
-    return h["time/train_s"] / steps
+    m = trainer.end_epoch(0, trainer.train_epoch(0))  # epoch 0 of 1: end_epoch evaluates, as a fit's last
+    return m["time/train_s"] / steps
 
 
 # --- one model ---------------------------------------------------------------------------------------------
@@ -269,6 +268,7 @@ def bench_model(args: argparse.Namespace, model: str, steps: int, device: torch.
     for f in FRACTIONS:
         cfg = load_config(overrides(args, model, steps, ["policy=static", "policy.at_step=0", f"policy.fraction={f}"]))
         t = Trainer(cfg, data=data)
+        t.initial_decision()  # static freezing at step 0
         if any(not torch.equal(a, p.detach()) for a, p in zip(init, t.model.parameters())):
             raise SystemExit(f"{model}: static f={f} trainer does not start from the same weights as the full one")
         frozen_trainers[f] = t

@@ -19,6 +19,7 @@ import sys
 from collections.abc import Sequence
 
 from .errors import FreezebenchError
+from . import metrics as M
 
 
 def _split_overrides(items: Sequence[str]) -> list[str]:
@@ -119,13 +120,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     if trainer.rank != 0:  # under torchrun rank 0 reports
         return 0
     m = result.metrics
-    saving = 100 * m.get("cost/saving_frac", 0.0)
+    saving = 100 * m.get(M.COST_SAVING_FRAC, 0.0)
     print(
-        f"\n{trainer.run_name}: val/acc {m.get('val/acc', float('nan')):.4f}  "
-        f"time {m['time/total_s']:.1f}s (train {sum(h['time/train_s'] for h in result.history):.1f}s, "
-        f"policy {m['time/policy_total_s']:.2f}s)  "
-        f"{m['cost/tflops']:.4f} TFLOPs ({saving:.1f}% below full training)  "
-        f"peak {m['mem/peak_mb']:.0f} MB  frozen {int(m['freeze/frozen_units'])}/{len(trainer.units) - 1} units"
+        f"\n{trainer.run_name}: val/acc {m.get(M.VAL_ACC, float('nan')):.4f}  "
+        f"time {m[M.TIME_TOTAL_S]:.1f}s (train {sum(h[M.TIME_TRAIN_S] for h in result.history):.1f}s, "
+        f"policy {m[M.TIME_POLICY_TOTAL_S]:.2f}s)  "
+        f"{m[M.COST_TFLOPS]:.4f} TFLOPs ({saving:.1f}% below full training)  "
+        f"peak {m[M.PEAK_MB]:.0f} MB  frozen {int(m[M.FROZEN_UNITS])}/{len(trainer.units) - 1} units"
     )
     if result.run_id:
         uri = trainer.tracker.uri

@@ -134,6 +134,18 @@ def _short(e: BaseException) -> str:
     return f"{type(e).__name__}: {first[:200]}" if first else type(e).__name__
 
 
+def read_pt(path: str | os.PathLike, *, mmap: bool = False) -> Any:
+    """:func:`read_torch` without the message: ``FileNotFoundError`` when ``path`` is not a file,
+    ``ValueError`` (the reason) when it fails its integrity check, else what ``torch.load`` raises."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(str(p))
+    problem = verify_zip(p)
+    if problem is not None:
+        raise ValueError(problem)
+    return torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
+
+
 def read_torch(path: str | os.PathLike, *, what: str, fix: str, error: type[FreezebenchError] = FreezebenchError,
                mmap: bool = False) -> Any:
     """Load a ``torch.save`` file after checking its integrity; ``error`` (one line) on any problem.

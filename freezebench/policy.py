@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from .ranges import Range, check_ranges
+
 if TYPE_CHECKING:
     from .units import Unit
 
@@ -143,6 +145,14 @@ class FreezePolicy:
     #: built-in defaults, so a preset or the command line still overrides them and the resolved config
     #: (logged with every run) shows what ran.
     config_defaults: ClassVar[Mapping[str, Any]] = {}
+    #: ranges of ``Config``'s numeric fields (:mod:`freezebench.ranges`), checked by :meth:`validate_config`
+    ranges: ClassVar[Mapping[str, Range]] = {}
+
+    @classmethod
+    def validate_config(cls, cfg: Any) -> None:
+        """Refuse a bad ``policy.*`` value with one line (``load_config`` and ``setup`` call it): the
+        :attr:`ranges` table; a subclass adds checks that are not ranges after ``super().validate_config``."""
+        check_ranges(cfg, cls.ranges, prefix="policy.")
 
     def __init__(self, cfg: Any = None):
         self.cfg = cfg if cfg is not None else self.Config(name=self.name)

@@ -41,6 +41,7 @@ from typing import Any
 
 from freezebench import faults
 from freezebench.errors import FreezebenchError
+from freezebench import metrics as M
 
 from .space import Space, SweepError, load_space, spec_json
 from .storage import open_storage, redact
@@ -49,7 +50,7 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_KEY = "sweep:heartbeat"  # trial system attribute: worker's time.time() at its last beat
 READY_KEY = "sweep_ready"  # study user attribute, set last by the worker that initialised the study
-METRICS = ("val/acc", "cost/tflops", "time/total_s", "cost/saving_frac", "freeze/frozen_units")
+METRICS = (M.VAL_ACC, M.COST_TFLOPS, M.TIME_TOTAL_S, M.COST_SAVING_FRAC, M.FROZEN_UNITS)
 
 
 @dataclass
@@ -487,7 +488,7 @@ def run_trial(study: Any, trial_id: int, space: Space, parent: str | None, *, he
             return study._storage.get_trial(trial_id)
     m = result.metrics
     _attrs(trial, {"mlflow_run_id": result.run_id, **{k: float(m[k]) for k in METRICS if _finite(m.get(k))}})
-    acc, tflops = m.get("val/acc"), m.get("cost/tflops")
+    acc, tflops = m.get(M.VAL_ACC), m.get(M.COST_TFLOPS)
     values = [acc] if space.objective == "accuracy" else [acc, tflops]
     if not all(_finite(v) for v in values):
         _attrs(trial, {"fail_reason": f"no finite objective (val/acc={acc}, cost/tflops={tflops})", "raised": True})
@@ -495,7 +496,7 @@ def run_trial(study: Any, trial_id: int, space: Space, parent: str | None, *, he
     else:
         _tell(study, trial, values=values)
     echo(f"trial {trial.number} [{_point_text(point)} seed={seed}]: val/acc {acc:.4f}  "
-         f"{m.get('cost/tflops', float('nan')):.4g} TFLOPs  {m.get('time/total_s', float('nan')):.1f} s"
+         f"{m.get(M.COST_TFLOPS, float('nan')):.4g} TFLOPs  {m.get(M.TIME_TOTAL_S, float('nan')):.1f} s"
          + (f"  (MLflow run {result.run_id})" if result.run_id else ""))
     return study._storage.get_trial(trial_id)
 

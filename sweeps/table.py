@@ -14,6 +14,8 @@ import statistics
 import warnings
 from typing import Any
 
+from freezebench import metrics as M
+
 log = logging.getLogger(__name__)
 
 
@@ -65,11 +67,11 @@ def summary_rows(study: Any, space: Any = None) -> list[dict[str, Any]]:
                                      f"{t.user_attrs.get('fail_reason', 'failed')}")
             continue
         g["seeds"].append(t.user_attrs.get("seed"))
-        g["acc"].append(float(t.user_attrs.get("val/acc", t.values[0])))
-        if "cost/tflops" in t.user_attrs:
-            g["tflops"].append(float(t.user_attrs["cost/tflops"]))
-        if "time/total_s" in t.user_attrs:
-            g["time"].append(float(t.user_attrs["time/total_s"]))
+        g["acc"].append(float(t.user_attrs.get(M.VAL_ACC, t.values[0])))
+        if M.COST_TFLOPS in t.user_attrs:
+            g["tflops"].append(float(t.user_attrs[M.COST_TFLOPS]))
+        if M.TIME_TOTAL_S in t.user_attrs:
+            g["time"].append(float(t.user_attrs[M.TIME_TOTAL_S]))
     rows = []
     for gid, g in groups.items():
         rows.append({"params": g["params"], "n": len(g["acc"]), "failed": g["failed"], "pending": g["pending"],
@@ -146,13 +148,13 @@ def plot_figures(study: Any) -> dict[str, Any]:
         return {}
     multi = len(study.directions) > 1
     target = (lambda t: t.values[0]) if multi else None
-    makers = {"slice": lambda: ov.plot_slice(study, target=target, target_name="val/acc")}
+    makers = {"slice": lambda: ov.plot_slice(study, target=target, target_name=M.VAL_ACC)}
     if multi:
-        makers["pareto_front"] = lambda: ov.plot_pareto_front(study, target_names=["val/acc", "TFLOPs"])
+        makers["pareto_front"] = lambda: ov.plot_pareto_front(study, target_names=[M.VAL_ACC, "TFLOPs"])
     else:
-        makers["optimization_history"] = lambda: ov.plot_optimization_history(study, target_name="val/acc")
+        makers["optimization_history"] = lambda: ov.plot_optimization_history(study, target_name=M.VAL_ACC)
     if len(complete[0].params) >= 2:
-        makers["param_importances"] = lambda: ov.plot_param_importances(study, target=target, target_name="val/acc")
+        makers["param_importances"] = lambda: ov.plot_param_importances(study, target=target, target_name=M.VAL_ACC)
     figs = {}
     for name, make in makers.items():
         try:

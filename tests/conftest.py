@@ -58,6 +58,13 @@ def _threads():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _work_in_tmp(tmp_path, monkeypatch):
+    """Every test runs in its own temporary folder: runs that keep the default ``trainer.output_dir=outputs``
+    (or MLflow's default ``sqlite:///mlflow.db``) write there, never into the repository."""
+    monkeypatch.chdir(tmp_path)
+
+
 COMPARE_POLICIES = {"full": [], "static": ["policy.at_step=4"], "freezeout_linear": []}
 
 

@@ -32,7 +32,8 @@ if __name__ == "__main__":
                     "frozen": sorted(self.freezer.frozen),
                     "events": [(e.unit, e.step, e.action) for e in self.freezer.events],
                     "full_step_flops": self.cost.full_step_flops, "shard": shard, "run_id": result.run_id,
-                    "world_size": self.world_size, "history": result.history},
+                    "world_size": self.world_size, "history": result.history,
+                    "sieve": self.sieve.state_dict() if self.sieve is not None else None},
                    out / f"rank{self.rank}.pt")
         return result
 

@@ -10,6 +10,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
 from freezebench.trainer.hooks import Hook
@@ -81,6 +82,10 @@ def differences(a: Any, b: Any, path: str = "state") -> list[str]:
         else:
             same = torch.equal(a, b)
         return [] if same else [f"{path}: tensors differ"]
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        same = isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.dtype == b.dtype and \
+            np.array_equal(a, b, equal_nan=a.dtype.kind in "fc")
+        return [] if same else [f"{path}: arrays differ"]
     if type(a) is not type(b):
         return [f"{path}: {type(a).__name__} vs {type(b).__name__}"]
     if isinstance(a, dict):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -23,6 +24,7 @@ from freezebench.errors import ConfigError
 from freezebench.policy import Plan, Signal, Signals
 from freezebench.trainer import Trainer
 from freezebench.units import Unit
+from helpers import assert_state_equal
 
 INF = math.inf
 
@@ -253,13 +255,13 @@ def test_state_round_trip_mid_interval():
     clone = AutoFreeze(policy.cfg)
     clone.setup(units, PLAN)
     clone.load_state_dict(state)
-    assert repr(clone.state_dict()) == repr(state)
+    assert_state_equal(clone.state_dict(), state)
     clone.notify_frozen(frozenset(frozen))  # the trainer restores the frozen set on resume
 
     # the saved state is a copy: training on does not change it
-    before = repr(state)
+    before = copy.deepcopy(state)
     rest, _ = drive(policy, units, 5, frozen, start=6)
-    assert repr(state) == before
+    assert_state_equal(state, before)
     rest_clone, _ = drive(clone, units, 5, frozen, start=6)
     assert rest == rest_clone == EXPECTED[1:]
 

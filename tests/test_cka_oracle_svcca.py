@@ -34,6 +34,7 @@ from freezebench.errors import ConfigError
 from freezebench.policy import Signals
 from freezebench.analysis.similarity import cka_from_grams, gram_linear, linear_cka
 from freezebench.trainer import Trainer
+from helpers import assert_state_equal
 
 FLAT_HIGH = [0.2, 0.5, 0.80, 0.801, 0.799]  # stable and above the cutoff: freeze
 RISING = [0.2, 0.4, 0.6, 0.7, 0.8]  # still climbing: keep training
@@ -220,7 +221,7 @@ def test_oracle_end_to_end_freezes_against_a_trained_reference(reference, tiny_t
     clone = CKAOracle(cfg)
     clone.setup(tr.units, tr.plan)
     clone.load_state_dict(state)
-    assert repr(clone.state_dict()) == repr(state)
+    assert_state_equal(clone.state_dict(), state)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -350,7 +351,7 @@ def test_svcca_end_to_end_freezes_and_round_trips(tiny_trainer):
     clone = SVCCAFreezing(tr2.policy.cfg)
     clone.setup(tr2.units, tr2.plan)
     clone.load_state_dict(state)
-    assert repr(clone.state_dict()) == repr(state)
+    assert_state_equal(clone.state_dict(), state)
 
 
 def test_similarity_policies_report_epoch_metrics(tmp_path, monkeypatch):

@@ -17,7 +17,7 @@ from freezebench.config import load_config
 from freezebench.errors import TrainingInterrupted
 from freezebench.registry import POLICIES
 from freezebench.trainer import Trainer
-from helpers import StopAt
+from helpers import StopAt, assert_state_equal
 
 SETTINGS: dict[str, dict] = {
     "full": {"overrides": [], "freezes": False},
@@ -126,7 +126,7 @@ def test_policy_contract(name, mlflow_uri, tiny_overrides, reference_checkpoint,
     clone = type(trainer.policy)(trainer.policy.cfg)
     clone.setup(trainer.units, trainer.plan)
     clone.load_state_dict(state)
-    assert repr(clone.state_dict()) == repr(state)
+    assert_state_equal(clone.state_dict(), state)
 
 
 TIMING = ("time/", "mem/")  # wall-clock figures differ between runs; everything else must not
@@ -154,10 +154,10 @@ def test_policy_resumes_exactly(name, tiny_overrides, tmp_path, reference_checkp
         cut.fit()
     resumed = Trainer(load_config([*base, "tracking.run_name=cut", "resume=auto"]))
     assert resumed.step == 6 and resumed.freezer.frozen == cut.freezer.frozen
-    assert repr(resumed.policy.state_dict()) == repr(cut.policy.state_dict())
+    assert_state_equal(resumed.policy.state_dict(), cut.policy.state_dict())
     result = resumed.fit()
 
     assert all(torch.equal(v, resumed.model.state_dict()[k]) for k, v in ref.model.state_dict().items())
     assert [_untimed(h) for h in result.history] == [_untimed(h) for h in expected.history]
     assert result.events == expected.events
-    assert repr(resumed.policy.state_dict()) == repr(ref.policy.state_dict())
+    assert_state_equal(resumed.policy.state_dict(), ref.policy.state_dict())

@@ -128,28 +128,54 @@ def test_resume_with_another_world_size_is_a_clear_error(tiny_overrides, tmp_pat
 
     t = Trainer(load_config([*tiny_overrides, "tracking.enabled=false", f"trainer.output_dir={tmp_path}",
                              "trainer.epochs=1", "tracking.run_name=w"]))
-    payload = ckpt.build_payload(t, epoch=0, batch=0, epoch_acc=None, accounting={}, rng=[], world_size=2)
+    payload = ckpt.build_payload(t.state_dict(), t.checkpoint_payload(), t.cfg, rng=[], epoch_acc=None, world_size=2,
+                                 mlflow={"run_id": None, "uri": None})
     ckpt.write(payload, tmp_path / "w2.pt")
     with pytest.raises(CheckpointError, match="written by 2 process.*--nproc_per_node 2"):
         Trainer(load_config([*tiny_overrides, "tracking.enabled=false", f"trainer.output_dir={tmp_path}",
                              "trainer.epochs=1", f"resume={tmp_path / 'w2.pt'}"]))
 
 
-def test_sieving_under_ddp_is_refused_with_one_line(tiny_overrides, monkeypatch):
-    """A sieved loader cannot be sharded consistently across ranks yet: refused before training starts."""
-    import torch.distributed as dist
+def test_sharded_sieve_order_is_the_partial_set_split_over_ranks():
+    """Sieve then shard (a sampler chain): the ranks' padded shards cover exactly the sieve's partial set of
+    the epoch, in its order, and every rank takes the same number of batches."""
+    from freezebench.features.sieve import Sieve, SievedLoader
 
-    from freezebench.config import load_config
-    from freezebench.errors import ConfigError
-    from freezebench.trainer import Trainer
+    x, y = torch.arange(50.0).view(50, 1, 1, 1), torch.arange(50)
+    base = TensorLoader(x, y, batch_size=4, shuffle=True, seed=3)
+    sieve = Sieve(50, ratio=0.5, period=1, swap=1.0, seed=3)
+    single = SievedLoader(base, sieve)
+    for epoch in (0, 1, 2):
+        shards = [ShardedLoader(single, r, 2, pad=True) for r in range(2)]
+        for s in shards:
+            s.set_epoch(epoch)  # the sieve updates once per epoch, however many loaders move to it
+        single.set_epoch(epoch)
+        order = single.indices().tolist()
+        assert len(order) == sieve.m == 25 and set(order) == set(sieve.partial.tolist())
+        padded = order + order[:1]
+        assert [s.shard().tolist() for s in shards] == [padded[r::2] for r in range(2)]
+        assert [len(s) for s in shards] == [4, 4]  # ceil(13 / 4)
+        for s in shards:  # batches carry the samples of the indices they report
+            got = [int(i) for xb, yb, idx in s for i in idx]
+            assert got == s.shard().tolist()
+    assert sieve.updates == 2
 
-    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                 "MASTER_PORT": str(_free_port())}.items():
-        monkeypatch.setenv(k, v)
-    try:
-        with pytest.raises(ConfigError, match="data.sieve is not supported under DDP"):
-            Trainer(load_config([*tiny_overrides, "tracking.enabled=false", "data.sieve.enabled=true"]))
-        assert dist.is_initialized() and dist.get_world_size() == 1
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+
+@pytest.mark.slow
+def test_two_gloo_processes_sieve_the_same_samples(mlflow_uri, tiny_overrides, tmp_path):
+    """Data sieving under DDP: every rank's sieve sees the global batch's losses, so the ranks keep one partial
+    set, train on disjoint shards of it, and end with the same model."""
+    over = [o for o in tiny_overrides if not o.startswith("trainer.max_steps_per_epoch")]
+    args = [*over, "policy=autofreeze", "model.granularity=layer", "tracking.run_name=ddp-sieve",
+            "data.sieve.enabled=true", "data.sieve.ratio=0.5"]
+    proc = _torchrun(2, tmp_path, args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    a, b = ranks
+    assert a["sieve"]["updates"] == 2 and b["sieve"]["updates"] == 2  # at the starts of epochs 1 and 2
+    assert all(torch.equal(a["sieve"][k], b["sieve"][k]) for k in ("partial", "removed", "loss"))
+    assert all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"])
+    assert a["frozen"] == b["frozen"] and a["events"] == b["events"]
+    # epoch 0's shards: disjoint halves of a partial set of 64 of the 128 training samples, 2 steps of 16 each
+    assert set(a["shard"]).isdisjoint(b["shard"]) and len(a["shard"]) == len(b["shard"]) == 32
+    assert [h["data/samples_per_epoch"] for h in a["history"]] == [64.0] * 3

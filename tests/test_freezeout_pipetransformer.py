@@ -22,6 +22,7 @@ from freezebench.config import load_config, reference_rows
 from freezebench.errors import ConfigError
 from freezebench.policy import Plan
 from freezebench.trainer import Trainer, lr_factor
+from helpers import assert_state_equal
 
 LR0 = 0.05  # optim.lr default
 T = 12  # tiny runs: 3 epochs x 4 steps
@@ -184,7 +185,7 @@ def test_freezeout_state_round_trip_keeps_schedule():
     clone = FreezeOutCubic()
     clone.setup(units, Plan(epochs=6, steps_per_epoch=4, batch_size=16, base_lr=LR0, seed=0))
     clone.load_state_dict(state)
-    assert repr(clone.state_dict()) == repr(state)
+    assert_state_equal(clone.state_dict(), state)
     assert clone.decide(9).freeze == [0, 1]
 
 
@@ -216,4 +217,4 @@ def test_pipetransformer_end_to_end(tmp_path):
     clone = PipeTransformerFreezing(pol.cfg)
     clone.setup(trainer.units, trainer.plan)
     clone.load_state_dict(state)
-    assert repr(clone.state_dict()) == repr(state)
+    assert_state_equal(clone.state_dict(), state)

@@ -79,6 +79,7 @@ def test_duplicate_hook_names_are_refused(tiny_overrides, tmp_path):
         Trainer(load_config(_base(tiny_overrides, tmp_path)), hooks=[type("P", (Hook,), {"name": "policy"})()])
 
 
+@pytest.mark.slow
 def test_grad_norm_metric_is_the_mean_step_gradient_norm(tiny_overrides, tmp_path):
     class Reference(Hook):  # the same figure, computed another way: one flat float64 vector per step
         name = "reference"
@@ -110,6 +111,7 @@ def test_grad_norm_metric_is_the_mean_step_gradient_norm(tiny_overrides, tmp_pat
         [_untimed(h) for h in plain.history]
 
 
+@pytest.mark.slow
 def test_hook_state_resumes_generically_mid_epoch(tiny_overrides, tmp_path):
     """The grad-norm hook's partial epoch sum is stored under its name and restored: a run stopped mid-epoch
     logs the same per-epoch means as an uninterrupted one (CPU, deterministic: exactly)."""

@@ -124,7 +124,7 @@ def _tiny_untracked(tiny_overrides, out, *extra):
 def test_resume_auto_without_checkpoint_starts_afresh_and_explicit_missing_path_is_an_error(tiny_overrides,
                                                                                             tmp_path):
     t = Trainer(_tiny_untracked(tiny_overrides, tmp_path, "resume=auto", "trainer.epochs=1"))
-    assert t._resumed is None and t.step == 0
+    assert t.resumed_from is None and t.step == 0
     with pytest.raises(CheckpointError, match="does not exist"):
         Trainer(_tiny_untracked(tiny_overrides, tmp_path, f"resume={tmp_path}/nope.pt"))
 
@@ -141,7 +141,7 @@ def test_resume_refuses_another_config_and_a_finished_run(tiny_overrides, tmp_pa
     fp = ckpt.config_fingerprint({"trainer.progress": True, "tracking.uri": "x", "optim.lr": 0.1})
     assert fp == {"optim.lr": "0.1"}
     # resume=auto ignores finished runs and other configs: a fresh start
-    assert Trainer(_tiny_untracked(tiny_overrides, tmp_path, "trainer.epochs=2", "resume=auto"))._resumed is None
+    assert Trainer(_tiny_untracked(tiny_overrides, tmp_path, "trainer.epochs=2", "resume=auto")).resumed_from is None
 
 
 def test_untracked_run_resumed_with_tracking_logs_every_epoch(mlflow_uri, tiny_overrides, tmp_path):

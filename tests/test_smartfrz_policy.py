@@ -15,6 +15,7 @@ from freezebench.predictors.policy import SmartFRZ, SmartFRZConfig, sequential_p
 from freezebench.predictors.weights import DEFAULT_WEIGHTS, load_predictor, save_predictor
 from freezebench.trainer import Trainer
 from freezebench.units import partition
+from helpers import assert_state_equal
 
 TAILOR = 16
 
@@ -249,7 +250,7 @@ def test_state_round_trip(always):
     clone = SmartFRZ(pol.cfg)
     clone.setup(units, pol.plan)
     clone.load_state_dict(state)
-    assert repr(clone.state_dict()) == repr(state)
+    assert_state_equal(clone.state_dict(), state)
     assert torch.equal(clone.history.buffer, pol.history.buffer)
     assert [clone.history.count(r) for r in range(3)] == [2, 2, 2]
     # both continue identically

@@ -33,17 +33,18 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FreezebenchError
+from .. import metrics as M
 
 # final metrics every training run logs (freezebench.trainer), the same keys for every policy
 KEYS = {
-    "acc": "val/acc",
-    "time_s": "time/total_s",
-    "tflops": "cost/tflops",
-    "tflops_full": "cost/tflops_full",
-    "saving_frac": "cost/saving_frac",
-    "peak_mb": "mem/peak_mb",
-    "policy_s": "time/policy_total_s",
-    "frozen_units": "freeze/frozen_units",
+    "acc": M.VAL_ACC,
+    "time_s": M.TIME_TOTAL_S,
+    "tflops": M.COST_TFLOPS,
+    "tflops_full": M.COST_TFLOPS_FULL,
+    "saving_frac": M.COST_SAVING_FRAC,
+    "peak_mb": M.PEAK_MB,
+    "policy_s": M.TIME_POLICY_TOTAL_S,
+    "frozen_units": M.FROZEN_UNITS,
 }
 FORMATS = ("table", "md", "csv", "html")
 BASELINE = "full"

@@ -44,6 +44,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import ConfigError
+from .. import metrics as M
 from ..units import Unit
 
 log = logging.getLogger(__name__)
@@ -312,8 +313,8 @@ class PrefixCache:
 
     def metrics(self) -> dict[str, float]:
         """``cache/mb`` (stored now) and the samples served from it / computed into it so far."""
-        return {"cache/mb": self.nbytes / 2**20, "cache/served_samples": float(self.stats["served"]),
-                "cache/computed_samples": float(self.stats["computed_from_input"] + self.stats["pushed"])}
+        return {M.CACHE_MB: self.nbytes / 2**20, M.CACHE_SERVED: float(self.stats["served"]),
+                M.CACHE_COMPUTED: float(self.stats["computed_from_input"] + self.stats["pushed"])}
 
     # --- prefetching --------------------------------------------------------------------------------------
     def batches(self, loader: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

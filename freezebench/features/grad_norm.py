@@ -19,9 +19,10 @@ from typing import Any
 
 import torch
 
+from .. import metrics as M
 from ..trainer.hooks import Hook
 
-METRIC = "train/grad_norm"
+METRIC = M.GRAD_NORM  # "train/grad_norm"
 
 
 class GradNormHook(Hook):

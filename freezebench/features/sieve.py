@@ -35,12 +35,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from ..zoo.data import Batch, DataBundle, TensorLoader
+from ..zoo.data import DataBundle
+from ..zoo.sampling import OrderedLoader, SieveSampler
 
 
 class Sieve:
@@ -95,46 +95,13 @@ class Sieve:
         self.updates = int(state["updates"])
 
 
-class SievedLoader:
-    """A training loader over the sieve's partial set; everything else is the wrapped loader's."""
+class SievedLoader(OrderedLoader):
+    """A training loader over the sieve's partial set: the base loader's batches in the order of a
+    :class:`~freezebench.zoo.sampling.SieveSampler` (moving to an epoch runs the sieve updates due by then)."""
 
     def __init__(self, base: Any, sieve: Sieve):
-        self.base, self.sieve = base, sieve
-        self.batch_size = base.batch_size
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return math.ceil(self.sieve.m / self.batch_size)
-
-    @property
-    def num_samples(self) -> int:
-        return self.base.num_samples
-
-    def unaugmented(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.base.unaugmented(idx)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.base.set_epoch(epoch)
-        self.sieve.update_to(epoch)
-
-    def __iter__(self) -> Iterator[Batch]:
-        base = self.base
-        gen = torch.Generator(device="cpu").manual_seed(base.seed * 1_000_003 + self.epoch)
-        order = self.sieve.partial[torch.randperm(self.sieve.m, generator=gen)]
-        if isinstance(base, TensorLoader):
-            order = order.to(base.device)
-            for b in range(len(self)):
-                idx = order[b * self.batch_size: (b + 1) * self.batch_size]
-                yield base._prepare(base.x[idx], gen if base.augment else None), base.y[idx], idx
-            return
-        # a folder loader: a DataLoader over the partial set, in this order (items carry dataset indices)
-        dl = torch.utils.data.DataLoader(torch.utils.data.Subset(base.ds, order.tolist()),
-                                         batch_size=self.batch_size, shuffle=False, num_workers=base.num_workers,
-                                         pin_memory=base.device.type == "cuda")
-        nb = base.device.type == "cuda"
-        for x, y, i in dl:
-            yield x.to(base.device, non_blocking=nb), y.to(base.device, non_blocking=nb), i.to(base.device)
+        super().__init__(base, SieveSampler(sieve, base.seed))
+        self.sieve = sieve
 
 
 def sieve_data(cfg: Any, data: DataBundle, *, seed: int, device: Any) -> tuple[DataBundle, Sieve | None]:

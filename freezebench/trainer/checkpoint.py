@@ -204,7 +204,6 @@ def find_latest(output_dir: str | Path, fingerprint: Mapping[str, str]) -> Path 
     return Path(max(found)[2]) if found else None
 
 
-# --- the trainer's state -----------------------------------------------------------------------------------
 def resolve(resume: str | None, output_dir: str | Path, fingerprint: Mapping[str, str]) -> Path | None:
     """The checkpoint that ``resume`` (a path, ``auto`` or ``None``) names; ``None``: start afresh."""
     if resume is None:
@@ -217,38 +216,30 @@ def resolve(resume: str | None, output_dir: str | Path, fingerprint: Mapping[str
     return Path(str(resume))
 
 
-def build_payload(tr: Any, *, epoch: int, batch: int, epoch_acc: dict[str, Any] | None,
-                  accounting: dict[str, Any], rng: list[dict[str, Any]], world_size: int = 1,
-                  finished: bool = False) -> dict[str, Any]:
-    """Everything :func:`restore` needs, from a :class:`freezebench.trainer.Trainer` between two steps.
-
-    ``epoch``/``batch``: the epoch in progress and the batches of it already trained on (``batch = 0``: the
-    epoch has not started); ``epoch_acc``: that epoch's partial sums; ``rng``: every rank's random states.
+def build_payload(state: Mapping[str, Any], model: Mapping[str, Any], cfg: Any, *, rng: list[dict[str, Any]],
+                  epoch_acc: list[dict[str, Any]] | None, world_size: int, mlflow: Mapping[str, Any],
+                  finished: bool = False, device: Any = "cpu") -> dict[str, Any]:
+    """The file's payload: ``state`` (:meth:`freezebench.trainer.Trainer.state_dict`), ``model`` (the weights
+    and the model's description, so ``model.checkpoint=last.pt`` works too), the config, every rank's random
+    states ``rng`` and partial epoch sums ``epoch_acc`` (``None``: between epochs), the MLflow run, and what
+    bit-exactness depends on (:func:`exactness_record` of ``device``).
     """
     from ..config import flatten, to_yaml
 
-    payload = tr.checkpoint_payload()  # weights + model description (model.checkpoint=last.pt works too)
+    payload = dict(model)
+    payload.update(state)
     payload.update({
         "format": FORMAT,
         "version": VERSION,
         "finished": finished,
-        "config": config_fingerprint(flatten(tr.cfg)),
-        "config_yaml": to_yaml(tr.cfg),
-        "policy_name": str(tr.cfg.policy.name),
-        "optimizer": tr.optimizer.state_dict(),
-        "scaler": tr.scaler.state_dict() if tr.scaler is not None else None,
-        "freezer": tr.freezer.state_dict(),
-        "policy": tr.policy.state_dict(),
-        # every stateful trainer hook's state under its name (sparse masks, the sieve's partial set, ...)
-        "hooks": hook_states(tr.hooks),
-        "lr_override": {int(k): float(v) for k, v in tr.lr_override.items()},
-        "lr_factor": float(getattr(tr, "current_lr_factor", 1.0)),
-        "position": {"step": int(tr.step), "epoch": int(epoch), "batch": int(batch), "world_size": int(world_size)},
+        "config": config_fingerprint(flatten(cfg)),
+        "config_yaml": to_yaml(cfg),
+        "policy_name": str(cfg.policy.name),
+        "position": {**state["position"], "world_size": int(world_size)},
         "epoch_acc": epoch_acc,
-        "accounting": accounting,
         "rng": rng,
-        "mlflow": {"run_id": tr.tracker.run_id, "uri": tr.tracker.uri},
-        "exactness": exactness_record(tr.device),
+        "mlflow": dict(mlflow),
+        "exactness": exactness_record(device),
     })
     return payload
 
@@ -295,40 +286,27 @@ def hook_states(hooks: list[Any]) -> dict[str, Any]:
     return out
 
 
-def load_hook_states(hooks: list[Any], states: Mapping[str, Any], path: str | Path) -> None:
-    """Give every stateful hook its saved state; refuse a checkpoint whose stateful hooks differ."""
+def load_hook_states(hooks: list[Any], states: Mapping[str, Any]) -> None:
+    """Give every stateful hook its saved state; refuse saved states whose stateful hooks differ."""
     stateful = {h.name: h for h in hooks if h.state_dict() is not None}
     differ = sorted(set(stateful) ^ set(states))
     if differ:
         name = differ[0]
-        raise CheckpointError(f"checkpoint {str(path)!r}: {name} is {'on' if name in states else 'off'} in the "
-                              f"checkpoint but {'on' if name in stateful else 'off'} in this run's config")
+        raise CheckpointError(f"{name} is {'on' if name in states else 'off'} in the checkpoint but "
+                              f"{'on' if name in stateful else 'off'} in this run's config")
     for name, h in stateful.items():
         h.load_state_dict(states[name])
 
 
 def restore(tr: Any, payload: Mapping[str, Any], path: str | Path) -> None:
-    """Put a freshly built trainer into the state ``payload`` describes (the position is read by the loop)."""
-    try:
-        tr.model.load_state_dict(payload["model_state"])
-        tr.freezer.load_state_dict(payload["freezer"])  # frozen groups emptied first: optimiser shapes match
-        tr.policy.notify_frozen(frozenset(tr.freezer.frozen))
-        tr.policy.load_state_dict(payload["policy"])
-        tr.optimizer.load_state_dict(payload["optimizer"])
-        load_hook_states(tr.hooks, payload["hooks"], path)  # after the optimiser: masks zero its state too
-    except CheckpointError:
-        raise
-    except Exception as e:  # shapes, keys, a policy refusing its state: the file does not fit this run
-        from ..errors import FreezebenchError
+    """``tr.load_state_dict(payload)``, any failure turned into one :class:`CheckpointError` line naming the file."""
+    from ..errors import FreezebenchError
 
-        if isinstance(e, FreezebenchError):
-            raise CheckpointError(f"checkpoint {str(path)!r}: {e}") from e
+    try:
+        tr.load_state_dict(payload)
+    except FreezebenchError as e:
+        raise CheckpointError(f"checkpoint {str(path)!r}: {e}") from e
+    except Exception as e:  # shapes, keys, a policy refusing its state: the file does not fit this run
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {str(path)!r} does not fit this run ({type(e).__name__}: "
                               f"{first[:300]})") from e
-    tr.freezer.reattach_optimizer()
-    if tr.scaler is not None and payload.get("scaler"):
-        tr.scaler.load_state_dict(payload["scaler"])
-    tr.lr_override = {int(k): float(v) for k, v in payload["lr_override"].items()}
-    tr.current_lr_factor = float(payload["lr_factor"])
-    tr.step = int(payload["position"]["step"])

@@ -8,10 +8,12 @@ to data parallelism when ``torchrun`` has set ``RANK``/``WORLD_SIZE``; nothing e
 
 How the ranks stay in step:
 
-* **Data**: each rank trains on its shard of the epoch's seeded permutation, by ``DistributedSampler``'s rule
-  (padded by wrapping to a multiple of the world size, every ``world``-th index from ``rank``), so all ranks
-  take the same number of steps. ``data.batch_size`` is per rank (the global batch is ``world`` times it).
-  Validation is sharded without padding and its sums are all-reduced.
+* **Data**: each rank trains on its shard of the epoch's order (the seeded permutation, or the sieve's
+  partial set under ``data.sieve.*``), by ``DistributedSampler``'s rule (padded by wrapping to a multiple of
+  the world size, every ``world``-th index from ``rank``), so all ranks take the same number of steps: the
+  sampler chain of :mod:`freezebench.zoo.sampling`. ``data.batch_size`` is per rank (the global batch is
+  ``world`` times it). Validation is sharded without padding and its sums are all-reduced. The sieve records
+  the global batch's per-sample losses, so every rank's sieve moves the same samples.
 * **Decisions**: every rank runs the policy on signals that are identical on all ranks (weights and, after
   DDP's all-reduce, gradients are identical; activations come from the same fixed probe batch; per-sample
   losses are all-gathered into the global batch), and rank 0's decision is broadcast and applied by every
@@ -29,14 +31,14 @@ How the ranks stay in step:
 from __future__ import annotations
 
 import gc
-import math
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from ..zoo.sampling import OrderedLoader, ShardSampler, chain_of
 
 
 @dataclass(frozen=True)
@@ -125,71 +127,120 @@ def wrap(model: torch.nn.Module, device: torch.device, old: Any = None) -> torch
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False)
 
 
-class ShardedLoader:
-    """Rank ``rank``'s share of a training or validation loader of :mod:`freezebench.zoo.data`.
+class ShardedLoader(OrderedLoader):
+    """Rank ``rank``'s share of a loader of :mod:`freezebench.zoo.data` (plain or sieved): its sampler chain
+    followed by a :class:`~freezebench.zoo.sampling.ShardSampler`.
 
-    The order of an epoch is the base loader's (the same seeded permutation); ``pad`` wraps it to a multiple
-    of ``world`` so every rank gets the same number of batches (training), or leaves the shards uneven
-    (validation, where sums are all-reduced and nothing may be counted twice).
+    ``pad`` wraps the order to a multiple of ``world`` so every rank gets the same number of batches
+    (training), or leaves the shards uneven (validation, where sums are all-reduced and nothing may be
+    counted twice).
     """
 
-    def __init__(self, base: Any, rank: int, world: int, *, pad: bool):
-        self.base, self.rank, self.world, self.pad = base, rank, world, pad
-        self.batch_size = base.batch_size
-
-    @property
-    def num_samples(self) -> int:
-        return self.base.num_samples
-
-    @property
-    def epoch(self) -> int:
-        return self.base.epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        self.base.set_epoch(epoch)
-
-    def unaugmented(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.base.unaugmented(idx)
-
-    def _shard_size(self) -> int:
-        n = self.base.num_samples
-        return math.ceil(n / self.world) if self.pad else len(range(self.rank, n, self.world))
-
-    def __len__(self) -> int:
-        return math.ceil(self._shard_size() / self.batch_size)
+    def __init__(self, loader: Any, rank: int, world: int, *, pad: bool):
+        base, inner = chain_of(loader)
+        super().__init__(base, ShardSampler(inner, rank, world, pad=pad, seed=base.seed))
+        self.rank, self.world, self.pad = rank, world, pad
 
     def shard(self) -> torch.Tensor:
         """This rank's sample indices for the current epoch, in order."""
-        b = self.base
-        n = b.num_samples
-        gen = torch.Generator().manual_seed(b.seed * 1_000_003 + b.epoch)
-        order = torch.randperm(n, generator=gen) if b.shuffle else torch.arange(n)
-        if self.pad:
-            total = math.ceil(n / self.world) * self.world
-            order = torch.cat([order, order.repeat(math.ceil(total / n))[: total - n]])
-        return order[self.rank :: self.world]
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        b = self.base
-        shard = self.shard()
-        bs = self.batch_size
-        if hasattr(b, "x"):  # TensorLoader: tensors in memory, augmentation with a per-rank generator
-            gen = torch.Generator().manual_seed(b.seed * 1_000_003 + b.epoch + 7_919 * (self.rank + 1))
-            shard = shard.to(b.device)
-            for i in range(len(self)):
-                idx = shard[i * bs : (i + 1) * bs]
-                yield b._prepare(b.x[idx], gen if b.augment else None), b.y[idx], idx
-            return
-        # FolderLoader: a DataLoader over this rank's indices
-        gen = torch.Generator().manual_seed(b.seed * 1_000_003 + b.epoch + 7_919 * (self.rank + 1))
-        dl = torch.utils.data.DataLoader(b.ds, batch_size=bs, sampler=shard.tolist(), generator=gen,
-                                         num_workers=b.num_workers, pin_memory=b.device.type == "cuda")
-        nb = b.device.type == "cuda"
-        for x, y, i in dl:
-            yield x.to(b.device, non_blocking=nb), y.to(b.device, non_blocking=nb), i.to(b.device)
+        return self.indices()
 
 
 def shard_data(data: Any, ctx: Dist) -> Any:
     """A :class:`freezebench.zoo.data.DataBundle` whose loaders give this rank's shards."""
     return replace(data, train=ShardedLoader(data.train, ctx.rank, ctx.world_size, pad=True),
                    val=ShardedLoader(data.val, ctx.rank, ctx.world_size, pad=False))
+
+
+# --- the parallelism object the trainer holds ----------------------------------------------------------------
+class SingleProcess:
+    """One process: every collective is the identity, the data is not sharded, the model not wrapped.
+
+    :class:`DataParallel` has the same methods; the training loop calls them unconditionally, so it has no
+    single-process / DDP branches.
+    """
+
+    rank = 0
+    world_size = 1
+
+    def setup(self, device: torch.device) -> torch.device:
+        """The device this process trains on."""
+        return device
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (decisions, paths, flags)."""
+        return obj
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order."""
+        return [obj]
+
+    def sum(self, values: list[float], device: torch.device) -> list[float]:
+        """Element-wise sums over ranks."""
+        return values
+
+    def gather_cat(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``t`` concatenated in rank order (the global batch)."""
+        return t
+
+    def agree(self, flag: bool, step: int, every: int, device: torch.device) -> bool:
+        """Whether any rank raised ``flag``; under DDP checked (a collective) every ``every`` steps only."""
+        return flag
+
+    def reduce_epoch(self, sums: Any, model: torch.nn.Module) -> None:
+        """An epoch's :class:`~freezebench.trainer.state.EpochSums` over all ranks, and rank 0's buffers."""
+
+    def wrap(self, model: torch.nn.Module, device: torch.device, old: Any = None) -> torch.nn.Module:
+        """What the training step calls: the model itself, or a DDP wrapper over its trained parameters."""
+        return model
+
+    def shard(self, data: Any) -> Any:
+        """The :class:`~freezebench.zoo.data.DataBundle` this process iterates."""
+        return data
+
+
+class DataParallel(SingleProcess):
+    """Data parallelism under ``torchrun`` (see the module docstring for how the ranks stay in step)."""
+
+    def __init__(self, ctx: Dist):
+        self.ctx = ctx
+        self.rank, self.world_size = ctx.rank, ctx.world_size
+
+    def setup(self, device: torch.device) -> torch.device:
+        return setup(self.ctx, device)
+
+    def broadcast(self, obj: Any) -> Any:
+        return broadcast_object(obj)
+
+    def gather(self, obj: Any) -> list[Any]:
+        return all_gather_object(obj)
+
+    def sum(self, values: list[float], device: torch.device) -> list[float]:
+        return all_reduce_sum(values, device)
+
+    def gather_cat(self, t: torch.Tensor) -> torch.Tensor:
+        return all_gather_cat(t)
+
+    def agree(self, flag: bool, step: int, every: int, device: torch.device) -> bool:
+        if step % every:
+            return False
+        return any_rank(flag, device)
+
+    def reduce_epoch(self, sums: Any, model: torch.nn.Module) -> None:
+        s, f, ls, c = all_reduce_sum([sums.samples, sums.flops, sums.loss_sum.item(), sums.correct.item()],
+                                     sums.loss_sum.device)
+        broadcast_buffers(model)
+        sums.samples, sums.flops = int(s), f
+        sums.loss_sum, sums.correct = torch.tensor(ls), torch.tensor(int(c))
+
+    def wrap(self, model: torch.nn.Module, device: torch.device, old: Any = None) -> torch.nn.Module:
+        return wrap(model, device, old)
+
+    def shard(self, data: Any) -> Any:
+        return shard_data(data, self.ctx)
+
+
+def parallel_from_env() -> SingleProcess:
+    """:class:`DataParallel` under ``torchrun`` (``RANK``/``WORLD_SIZE`` set), else :class:`SingleProcess`."""
+    ctx = from_env()
+    return SingleProcess() if ctx is None else DataParallel(ctx)

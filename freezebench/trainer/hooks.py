@@ -55,6 +55,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .. import metrics as M
+
 if TYPE_CHECKING:  # the loop imports this module
     from .loop import RunResult, Trainer
 
@@ -109,7 +111,7 @@ class SparsityHook(Hook):
         self.sparsity.after_step(step)  # masked weights and their optimiser state back to 0
 
     def epoch_metrics(self) -> dict[str, float]:
-        return {"sparsity/density": self.sparsity.density()}
+        return {M.SPARSITY_DENSITY: self.sparsity.density()}
 
     def state_dict(self) -> dict[str, Any]:
         return self.sparsity.state_dict()
@@ -127,7 +129,9 @@ class SieveHook(Hook):
         self.sieve = sieve
 
     def after_step(self, trainer: Trainer, step: int, losses: torch.Tensor, idx: torch.Tensor) -> None:
-        self.sieve.record(idx, losses.detach())
+        # the global batch under DDP, so every rank's sieve holds the same losses and moves the same samples
+        gather = trainer.parallel.gather_cat
+        self.sieve.record(gather(idx), gather(losses.detach()))
 
     def state_dict(self) -> dict[str, Any]:
         return self.sieve.state_dict()
@@ -234,7 +238,7 @@ class TrackingHook(Hook):
             try:
                 if trainer.rank == 0:
                     trainer.log_end(result)
-                    if trainer._resumed is not None:
+                    if trainer.resumed_from is not None:
                         tracker.delete_tags(["error"])  # the interrupted attempt's error is history now
             except BaseException as e:
                 error = e

@@ -4,11 +4,24 @@
     from freezebench.trainer import Trainer
     result = Trainer(load_config(["policy=static", "trainer.epochs=3"])).fit()
 
-Per step: forward -> loss -> backward -> optimiser step -> [the signals the policy asked for] ->
-``policy.observe`` / ``policy.decide`` when due -> the freezer applies the decision. Per epoch: evaluation,
-accounting (FLOPs under :mod:`freezebench.cost`, wall time split into train / eval / policy, peak memory,
-frozen units), MLflow metrics. At the end: the freeze events, a timeline plot, a summary and the final
-weights are logged.
+The loop, by level (each a method of :class:`Trainer`):
+
+* :meth:`~Trainer.fit`: every hook's ``on_fit_start``, the epochs left, the final checkpoint, every hook's
+  ``on_fit_end`` (:mod:`freezebench.trainer.hooks`);
+* :meth:`~Trainer.train_epoch`: :meth:`~Trainer.train_step` per batch; a stop request (SIGTERM, a hook)
+  writes a checkpoint at the step boundary and stops;
+* :meth:`~Trainer.train_step`: forward -> loss -> backward -> optimiser step -> the step hooks (sparsity,
+  sieve, the policy tick: ``policy.observe`` / ``policy.decide`` when due, the freezer applying the
+  decision, ...);
+* :meth:`~Trainer.end_epoch`: the epoch's sums over ranks, evaluation, accounting (FLOPs under
+  :mod:`freezebench.cost`, wall time split into train / eval / policy, peak memory, frozen units), the
+  epoch's metrics (every hook's included), every hook's ``on_epoch_end`` (tracking logs them), a periodic
+  checkpoint.
+
+The counters live in :class:`~freezebench.trainer.state.TrainState` and
+:class:`~freezebench.trainer.state.EpochSums`; :meth:`~Trainer.state_dict` / :meth:`~Trainer.load_state_dict`
+hold everything a resume needs (the file: :mod:`freezebench.trainer.checkpoint`). Single process and DDP
+differ only in the :mod:`freezebench.trainer.distributed` parallelism object the trainer holds.
 """
 
 from __future__ import annotations
@@ -21,10 +34,10 @@ import resource
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -33,23 +46,25 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from .. import __version__, faults
-from . import checkpoint as ckpt
-from . import reliability
-from . import distributed
+from .. import metrics as M
 from ..config import flatten, to_yaml
 from ..cost import CostModel
-from ..zoo.data import DataBundle, build_data
-from ..features.cache import PrefixCache
 from ..errors import ConfigError, NonFiniteLossError, TrainingInterrupted
-from ..fileio import atomic_torch_save, check_writable_folder
-from .freezer import FreezeEvent, Freezer, param_groups
-from .hooks import CacheHook, Hook, PolicyHook, SieveHook, SparsityHook, StopSignalHook, TrackingHook, overrides
-from ..policy import Decision, FreezePolicy, Plan, Signal, Signals
-from ..registry import MODELS, POLICIES
+from ..features.cache import PrefixCache
 from ..features.sieve import sieve_data
 from ..features.sparsity import build_sparsity
-from .tracking import NullTracker, check_reachable, csv_text, git_commit, make_tracker, resolve_uri
+from ..fileio import atomic_torch_save, check_writable_folder
+from ..policy import Decision, FreezePolicy, Plan, Signal, Signals
+from ..registry import MODELS, POLICIES
 from ..units import Partition, capture_outputs, partition
+from ..zoo.data import DataBundle, build_data
+from . import checkpoint as ckpt
+from . import distributed
+from . import reliability
+from .freezer import FreezeEvent, Freezer, param_groups
+from .hooks import CacheHook, Hook, PolicyHook, SieveHook, SparsityHook, StopSignalHook, TrackingHook, overrides
+from .state import EpochSums, TrainState
+from .tracking import NullTracker, check_reachable, csv_text, git_commit, make_tracker, resolve_uri
 
 log = logging.getLogger(__name__)
 
@@ -120,35 +135,65 @@ class Trainer:
     """Builds model, data, policy and tracking from a config and trains.
 
     ``model``, ``data`` and ``policy`` may be passed in to override what the config would build (tests,
-    benchmarks, library use); ``hooks`` are extra :class:`freezebench.trainer.hooks.Hook` s, run after the
-    built-in ones in their order.
+    benchmarks, library use); ``hooks`` are extra :class:`~freezebench.trainer.hooks.Hook` s, run after the
+    built-in ones, in their order.
+
+    Assembly, in the order its dependencies fix (each step needs those above it):
+
+    1. parallelism and device (DDP joins its process group; the tracking server is checked before anything
+       is built), then the seeds (data and model initialisation draw from them);
+    2. data: the loaders, sieved (``data.sieve.*``) and sharded per rank;
+    3. the model (its classes and input size come from the data), the policy (its granularity decides the
+       partition), the partition into units and their FLOPs;
+    4. the optimiser (one param group per unit) and the freezer (the only thing that freezes);
+    5. the plan (steps per epoch come from the data), sparsity (needs optimiser and plan; changes the cost
+       model), the policy's ``setup`` (units and plan), the frozen-prefix cache (needs the cost model);
+    6. the hooks (every feature above exists);
+    7. a resume (``resume=...``), applied to the fully built trainer (:meth:`load_state_dict`);
+    8. the tracker, last: a resumed run continues its MLflow run.
     """
 
     def __init__(self, cfg: DictConfig, *, model: torch.nn.Module | None = None, data: DataBundle | None = None,
                  policy: FreezePolicy | None = None, hooks: Sequence[Hook] = ()):
         self.cfg = cfg
-        tc = cfg.trainer
-        self.dist = distributed.from_env()  # under torchrun: data parallel (freezebench.trainer.distributed)
-        self.rank, self.world_size = (self.dist.rank, self.dist.world_size) if self.dist else (0, 1)
+        self._setup_parallel()
+        self._setup_data(data)
+        self._setup_model(model, policy)
+        self._setup_optimizer()
+        self._setup_plan_and_features()
+        self.hooks: list[Hook] = self._build_hooks(hooks)
+        # the step hooks, as bound methods, built once: the step loop iterates over a plain list
+        self._step_hooks = [h.after_step for h in self.hooks if overrides(h, "after_step")]
+        self._epoch_hooks = [h for h in self.hooks if overrides(h, "on_epoch_end")]
+        self.resumed_from: dict[str, Any] | None = self._resume()  # may set tracking.run_id
+        # resumed from a finished checkpoint whose end was never logged: fit() only closes the run
+        self._closing = self.resumed_from is not None and self.resumed_from["finished"]
+        self.tracker: NullTracker = make_tracker(cfg.tracking) if self.rank == 0 else NullTracker()
+
+    # --- assembly ------------------------------------------------------------------------------------
+    def _setup_parallel(self) -> None:
+        cfg, tc = self.cfg, self.cfg.trainer
+        self.parallel = distributed.parallel_from_env()  # SingleProcess, or DataParallel under torchrun
+        self.rank, self.world_size = self.parallel.rank, self.parallel.world_size
         if tc.save_checkpoint or tc.checkpoint_every:  # found before training, not after it (issue 14)
             check_writable_folder(tc.output_dir, "trainer.output_dir")
         if cfg.tracking.enabled and self.rank == 0:  # an unreachable server fails before data and model are built
             check_reachable(resolve_uri(cfg.tracking.uri))
-        self.device = resolve_device(tc.device)
-        if self.dist is not None:
-            self.device = distributed.setup(self.dist, self.device)
+        self.device = self.parallel.setup(resolve_device(tc.device))
         if tc.precision == "fp16" and self.device.type != "cuda":
             raise ConfigError("trainer.precision=fp16 needs CUDA; use bf16 or fp32 on CPU")
         seed_everything(tc.seed, tc.deterministic)
+
+    def _setup_data(self, data: DataBundle | None) -> None:
+        cfg, tc = self.cfg, self.cfg.trainer
         self.data = data if data is not None else build_data(cfg.data, seed=tc.seed, device=self.device)
-        # data sieving (data.sieve.*): the training loader iterates over the sieve's partial set
+        # the data order, a sampler chain (freezebench.zoo.sampling): the epoch's shuffle, or the sieve's
+        # partial set (data.sieve.*), then under DDP this rank's shard of it
         self.data, self.sieve = sieve_data(cfg.data.sieve, self.data, seed=tc.seed, device=self.device)
-        if self.dist is not None:  # this rank's shard of every epoch
-            if self.sieve is not None:
-                raise ConfigError("data.sieve is not supported under DDP (several processes) yet; "
-                                  "set data.sieve.enabled=false")
-            self.data = distributed.shard_data(self.data, self.dist)
-        info = self.data.info
+        self.data = self.parallel.shard(self.data)
+
+    def _setup_model(self, model: torch.nn.Module | None, policy: FreezePolicy | None) -> None:
+        cfg, tc, info = self.cfg, self.cfg.trainer, self.data.info
         if model is None:
             from ..zoo.models import build_model
 
@@ -157,19 +202,33 @@ class Trainer:
                                 image_size=info.image_size, pretrained=cfg.model.pretrained,
                                 checkpoint=cfg.model.checkpoint)
         self.model = model.to(self.device)
-        if tc.channels_last and self.device.type == "cuda":
+        self._channels_last = bool(tc.channels_last and self.device.type == "cuda")
+        if self._channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.train_model: torch.nn.Module = self.model  # what the training step calls (DDP wraps the model)
         if policy is None:
-            cls = POLICIES.get(cfg.policy.name)
-            policy = cls(OmegaConf.to_object(cfg.policy))
+            policy = POLICIES.get(cfg.policy.name)(OmegaConf.to_object(cfg.policy))
         self.policy = policy
+        self.needs = frozenset(type(policy).needs)
         gran = cfg.model.granularity if cfg.model.granularity != "auto" else type(policy).granularity
         probe_x, _ = self.data.probe_batch(2, seed=tc.seed)
         self.partition: Partition = partition(self.model, probe_x, gran)
         self.units = self.partition.units
         self.cost = CostModel([u.flops for u in self.units], self.partition.other_flops)
-        self.optimizer = build_optimizer(cfg.optim, param_groups(self.units, self.partition.other_params))
-        self.freezer = Freezer(self.model, self.units, self.optimizer, allow_unfreeze=type(policy).allows_unfreeze)
+        self.dense_full_step_flops = self.cost.full_step_flops  # what `full` training spends per sample
+
+    def _setup_optimizer(self) -> None:
+        tc = self.cfg.trainer
+        self.optimizer = build_optimizer(self.cfg.optim, param_groups(self.units, self.partition.other_params))
+        self.freezer = Freezer(self.model, self.units, self.optimizer,
+                               allow_unfreeze=type(self.policy).allows_unfreeze)
+        self.lr_override: dict[int, float] = {}
+        self._schedule = OmegaConf.to_object(self.cfg.schedule)  # plain dataclass: read every step, cheaply
+        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[tc.precision]
+        self.scaler = torch.amp.GradScaler("cuda") if tc.precision == "fp16" else None
+
+    def _setup_plan_and_features(self) -> None:
+        cfg, tc = self.cfg, self.cfg.trainer
         steps = len(self.data.train)
         if tc.max_steps_per_epoch:
             steps = min(steps, tc.max_steps_per_epoch)
@@ -179,31 +238,38 @@ class Trainer:
         self.plan = Plan(epochs=tc.epochs, steps_per_epoch=steps, batch_size=cfg.data.batch_size,
                          base_lr=cfg.optim.lr, seed=tc.seed, device=str(self.device), lr_drops=drops)
         # sparse training (sparsity.*): masks on conv / linear weights; the cost model counts their density
-        self.dense_full_step_flops = self.cost.full_step_flops
         self.sparsity = build_sparsity(cfg.sparsity, self.model, self.units, self.optimizer, self.plan.total_steps,
                                        tc.seed)
         if self.sparsity is not None:
-            self.cost = CostModel(self.sparsity.unit_flops(self.partition),
-                                  self.partition.other_flops)
+            self.cost = CostModel(self.sparsity.unit_flops(self.partition), self.partition.other_flops)
         self.policy.setup(self.units, self.plan)
-        self.needs = frozenset(type(policy).needs)
-        self.lr_override: dict[int, float] = {}
-        self._schedule = OmegaConf.to_object(cfg.schedule)  # plain dataclass: read every step, cheaply
-        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[tc.precision]
-        self.scaler = torch.amp.GradScaler("cuda") if tc.precision == "fp16" else None
+        self.cache: PrefixCache | None = self._build_cache()
+        # the loop's state, and config values read every step, copied once (an OmegaConf read costs ~10 us)
+        self.state = TrainState()
+        self._check_every = tc.check_finite_every
         self._probe: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.step = 0
-        self.policy_time = 0.0
-        self.train_model: torch.nn.Module = self.model  # what the training step calls (DDP wraps the model)
         self._stop_signal: int | None = None  # set by SIGTERM/SIGINT: checkpoint at the next step boundary, stop
         self._pending_rng: dict[str, Any] | None = None  # random states to restore when the resumed loop starts
-        self._final_accounting: dict[str, Any] | None = None
-        self.cache: PrefixCache | None = self._build_cache()
-        self.hooks: list[Hook] = self._build_hooks(hooks)
-        self._resumed = self._load_resume()  # may set tracking.run_id: a resumed run continues its MLflow run
-        # resumed from a finished checkpoint whose end was never logged: fit() only closes the run
-        self._closing = self._resumed is not None and self._resumed["finished"]
-        self.tracker: NullTracker = make_tracker(cfg.tracking) if self.rank == 0 else NullTracker()
+        self._pending_sums: EpochSums | None = None  # the partial sums of the epoch a resumed run continues
+        self._t_start = time.perf_counter()
+        self.step_cost = self.cost.step_flops(self.freezer.frozen)  # changes only when the frozen set does
+
+    def _build_cache(self) -> PrefixCache | None:
+        """The frozen-prefix cache when ``trainer.cache_frozen_prefix`` (refused under random augmentation)."""
+        tc = self.cfg.trainer
+        if not tc.cache_frozen_prefix:
+            return None
+        if self.world_size > 1:
+            raise ConfigError("trainer.cache_frozen_prefix is not supported under DDP (several processes) yet; "
+                              "set trainer.cache_frozen_prefix=false")
+        if self.data.info.random_augmentation:
+            raise ConfigError(
+                f"trainer.cache_frozen_prefix needs the same training input every epoch, but {self.data.info.name} "
+                f"uses random augmentation; set data.augment=false or trainer.cache_frozen_prefix=false"
+            )
+        return PrefixCache(self.model, self.units, self.data.train.num_samples, dtype=tc.cache_dtype,
+                           location=tc.cache_location, folder=tc.cache_dir, device=self.device, cost=self.cost,
+                           channels_last=self._channels_last)
 
     def _build_hooks(self, extra: Sequence[Hook]) -> list[Hook]:
         """The built-in hooks (see :mod:`freezebench.trainer.hooks` for their order), then ``extra``."""
@@ -255,8 +321,24 @@ class Trainer:
             text += f" Part of suite `{suite}` (`freezebench compare --filter \"tags.suite = '{suite}'\"`)."
         return text
 
+    # --- the state's counters as attributes ----------------------------------------------------------
+    @property
+    def step(self) -> int:
+        """Optimiser steps taken."""
+        return self.state.step
+
+    @property
+    def policy_time(self) -> float:
+        """Seconds spent in the policy so far."""
+        return self.state.policy_time
+
+    @property
+    def current_lr_factor(self) -> float:
+        return self.state.lr_factor
+
     # --- helpers -------------------------------------------------------------------------------------
-    def _autocast(self) -> Any:
+    def autocast(self) -> Any:
+        """The autocast context of ``trainer.precision`` (a no-op context under fp32)."""
         if self.autocast_dtype is None:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
@@ -267,35 +349,19 @@ class Trainer:
 
     def _set_lr(self, step: int) -> None:
         factor = lr_factor(self._schedule, step, self.plan.steps_per_epoch, self.plan.total_steps)
-        self.current_lr_factor = factor
+        self.state.lr_factor = factor
         for g in self.optimizer.param_groups:
             scale = self.lr_override.get(g.get("unit", -1))
             g["lr"] = g["base_lr"] * (factor if scale is None else scale)
 
-    def _build_cache(self) -> PrefixCache | None:
-        """The frozen-prefix cache when ``trainer.cache_frozen_prefix`` (refused under random augmentation)."""
-        tc = self.cfg.trainer
-        if not tc.cache_frozen_prefix:
-            return None
-        if self.world_size > 1:
-            raise ConfigError("trainer.cache_frozen_prefix is not supported under DDP (several processes) yet; "
-                              "set trainer.cache_frozen_prefix=false")
-        if self.data.info.random_augmentation:
-            raise ConfigError(
-                f"trainer.cache_frozen_prefix needs the same training input every epoch, but {self.data.info.name} "
-                f"uses random augmentation; set data.augment=false or trainer.cache_frozen_prefix=false"
-            )
-        return PrefixCache(self.model, self.units, self.data.train.num_samples, dtype=tc.cache_dtype,
-                           location=tc.cache_location, folder=tc.cache_dir, device=self.device, cost=self.cost,
-                           channels_last=tc.channels_last and self.device.type == "cuda")
-
-    def _train_batches(self) -> Any:
-        """The training loader (read ahead by the cache when it gathers from host memory or disk)."""
+    def train_batches(self) -> Any:
+        """The training loader of the current epoch (read ahead by the cache when it gathers from host memory
+        or disk)."""
         if self.cache is None:
             return self.data.train
         return self.cache.batches(self.data.train)
 
-    def _forward(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """The model's training forward pass; through the frozen-prefix cache when there is one, which also
         sets ``step_cost`` to this step's FLOPs per sample (skipped prefix forwards are not counted)."""
         if self.cache is None:
@@ -311,22 +377,25 @@ class Trainer:
 
     def unit_activations(self, units: list[int], x: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
         """Outputs of ``units`` on the probe batch (or ``x``), eval mode, no grad, flattened per input."""
-        out = capture_outputs(self.model, self.units, units, self.probe()[0] if x is None else x, self._autocast())
+        out = capture_outputs(self.model, self.units, units, self.probe()[0] if x is None else x, self.autocast())
         self.freezer.train_mode()
         return out
 
+    # --- the policy ----------------------------------------------------------------------------------
     def _signals(self, step: int, losses: torch.Tensor, idx: torch.Tensor) -> Signals:
         s = Signals(step=step, epoch=self.plan.epoch_of(step), units=self.units)
         if Signal.ACTIVATIONS in self.needs:
             s.probe_inputs = self.probe()[0]
             s.activations = self.unit_activations(self.policy.probe_units())
-        if Signal.SAMPLE_LOSSES in self.needs:
-            s.sample_losses, s.sample_indices = losses.detach(), idx
-            if self.dist is not None:  # the global batch: every rank's policy sees the same signal
-                s.sample_losses, s.sample_indices = (distributed.all_gather_cat(t) for t in (losses.detach(), idx))
+        if Signal.SAMPLE_LOSSES in self.needs:  # the global batch: every rank's policy sees the same signal
+            s.sample_losses, s.sample_indices = (self.parallel.gather_cat(t) for t in (losses.detach(), idx))
         if Signal.MODEL in self.needs:
             s.model = self.model
         return s
+
+    def _decide(self, step: int) -> Decision | None:
+        """The policy's decision; under DDP rank 0's, broadcast, so every rank freezes the same units."""
+        return self.parallel.broadcast(self.policy.decide(step))
 
     def apply(self, decision: Decision | None, step: int) -> list[FreezeEvent]:
         """Apply a policy decision through the freezer (the only place that freezes)."""
@@ -343,7 +412,7 @@ class Trainer:
                 self.lr_override[unit] = float(scale)
         if events:
             self.policy.notify_frozen(frozenset(self.freezer.frozen))
-            self._wrap_ddp()  # DDP's reducer must only know the parameters still trained
+            self._wrap()  # DDP's reducer must only know the parameters still trained
             self.step_cost = self.cost.step_flops(self.freezer.frozen)
             for ev in events:
                 log.info("%s unit %d (%s) at step %d (epoch %.2f) %s", ev.action, ev.unit, ev.name, ev.step,
@@ -352,12 +421,15 @@ class Trainer:
             self._set_lr(step)
         return events
 
+    def _wrap(self) -> None:
+        self.train_model = self.parallel.wrap(self.model, self.device, self.train_model)
+
     def initial_decision(self) -> None:
         """A decision before the first step (static freezing at step 0, schedules that start frozen)."""
-        if self._resumed is None and self.policy.decide_at(0):
+        if self.resumed_from is None and self.policy.decide_at(0):
             t0 = time.perf_counter()
             self.apply(self._decide(0), 0)
-            self.policy_time += time.perf_counter() - t0
+            self.state.policy_time += time.perf_counter() - t0
 
     def policy_tick(self, step: int, losses: torch.Tensor, idx: torch.Tensor) -> None:
         """After optimiser step ``step``: the policy observes and decides when it asked to (timed as policy)."""
@@ -378,32 +450,32 @@ class Trainer:
             self.apply(self._decide(step), step)
         if sync:
             self._sync()
-        self.policy_time += time.perf_counter() - t0
+        self.state.policy_time += time.perf_counter() - t0
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
+        """Validation loss and accuracy (every rank evaluates its shard; the sums are added over ranks)."""
         self.model.eval()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         n = 0
         for x, y, _ in self.data.val:
-            if self.cfg.trainer.channels_last and x.dim() == 4 and self.device.type == "cuda":
+            if self._channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with self._autocast():
+            with self.autocast():
                 out = self.model(x)
             loss_sum += F.cross_entropy(out.float(), y, reduction="sum")
             correct += (out.argmax(1) == y).sum()
             n += len(y)
         self.freezer.train_mode()
-        loss_total, correct_total, n = loss_sum.item(), correct.item(), n
-        if self.dist is not None:  # every rank evaluated its shard of the validation set
-            loss_total, correct_total, n = distributed.all_reduce_sum([loss_total, correct_total, n], self.device)
+        loss_total, correct_total, n = self.parallel.sum([loss_sum.item(), correct.item(), n], self.device)
         return loss_total / max(n, 1), correct_total / max(n, 1)
 
     # --- the loop ------------------------------------------------------------------------------------
     def fit(self) -> RunResult:
-        """Train: every hook's ``on_fit_start``, the epochs, the final checkpoint, every hook's ``on_fit_end``
-        (in reverse order, also when something raised: the tracking hook then marks the run FAILED/KILLED)."""
+        """Train: every hook's ``on_fit_start``, the epochs left, the final checkpoint, every hook's
+        ``on_fit_end`` (in reverse order, also when something raised: the tracking hook then marks the run
+        FAILED or KILLED)."""
         # denormal floats make CPU kernels up to 100x slower once gradients get tiny late in training;
         # flushing them is process-wide state, so it is switched back off when the fit ends
         torch.set_flush_denormal(True)
@@ -411,13 +483,24 @@ class Trainer:
         result: RunResult | None = None
         error: BaseException | None = None
         try:
-            self._t_start = time.perf_counter()
+            self._t_start = time.perf_counter() - self.state.elapsed_before
             for h in self.hooks:
                 started.append(h)
                 h.on_fit_start(self)
-            result = self._fit()
-            if not self._closing:
-                self._save_final_state()  # finished=True; the tracking hook then logs the last epoch
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+            if self.train_model is self.model:
+                self._wrap()
+            self.step_cost = self.cost.step_flops(self.freezer.frozen)
+            if self.resumed_from is None and self.cfg.trainer.checkpoint_every:
+                # the state before the first step: a kill before the first epoch's checkpoint resumes this run
+                # (its MLflow run too) instead of leaving it RUNNING and starting another (reliability.py)
+                self.save_state()
+            for epoch in range(self.state.epoch, self.plan.epochs):
+                self.end_epoch(epoch, self.train_epoch(epoch))
+            result = self._result()  # closing a finished checkpoint: no epoch left, only the end is redone
+            if self.cfg.trainer.checkpoint_every and not self._closing:
+                self.save_state(finished=True)  # the tracking hook then logs the last epoch
                 if faults.ARMED:  # test-only SIGKILL (freezebench.faults)
                     faults.at("after_epoch_log", self.plan.epochs)
         except BaseException as e:
@@ -445,194 +528,234 @@ class Trainer:
         if original is None and first is not None:
             raise first
 
-    def log_start(self) -> None:
-        """Parameters, config and unit table to the tracker (the tracking hook's start)."""
-        self.tracker.log_params({**flatten(self.cfg), "units.count": len(self.units),
-                                 "units.params": self.partition.total_params,
-                                 "units.gflops_per_sample_full": self.cost.full_step_flops / 1e9})
-        self.tracker.log_text(to_yaml(self.cfg), "config.yaml")
-        self.tracker.log_text(self.partition.table(), "units.txt")
-        if self._resumed is not None:  # what the checkpoint covers and the run lacks (reliability.py)
-            self.tracker.skip_held_metrics()
-            for i, m in enumerate(self._resumed["accounting"]["history"]):
-                self.tracker.log_metrics(m, step=i + 1)
-
-    def _fit(self) -> RunResult:
-        tc = self.cfg.trainer
-        plan = self.plan
-        bar_enabled = tc.progress and self.rank == 0
-        self.step_cost = self.cost.step_flops(self.freezer.frozen)
-        full_cost = self.dense_full_step_flops  # dense and unfrozen: what `full` training spends per sample
-        tflops = tflops_full = 0.0
-        history: list[dict[str, float]] = []
-        t_start = self._t_start
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        if self.dist is not None and self.train_model is self.model:
-            self._wrap_ddp()
-        if self._resumed is None and tc.checkpoint_every:
-            # the state before the first step: a kill before the first epoch's checkpoint resumes this run (its
-            # MLflow run too) instead of leaving it RUNNING and starting another (freezebench.trainer.reliability)
-            self.save_state(epoch=0, batch=0, epoch_acc=None,
-                            accounting=self._accounting(0.0, 0.0, [], float("nan"), float("nan"), t_start))
+    def train_epoch(self, epoch: int) -> EpochSums:
+        """The training steps of epoch ``epoch`` (a resumed run continues its stopped epoch), with its sums."""
         from tqdm.auto import tqdm
 
-        val_loss = val_acc = float("nan")
-        # config values read in the step loop, copied once (an OmegaConf attribute read costs ~10 us)
-        channels_last = tc.channels_last and self.device.type == "cuda"
-        check_every = tc.check_finite_every
-        step_hooks = [h.after_step for h in self.hooks if overrides(h, "after_step")]  # built once: no per-step cost
-        epoch_hooks = [h for h in self.hooks if overrides(h, "on_epoch_end")]
-        start_epoch = 0
-        if self._resumed is not None:  # continue where the checkpoint left off
-            acc = self._resumed["accounting"]
-            tflops, tflops_full, history = acc["tflops"], acc["tflops_full"], [dict(h) for h in acc["history"]]
-            val_loss, val_acc = acc["val_loss"], acc["val_acc"]
-            t_start -= acc["elapsed_s"]
-            start_epoch = self._resumed["position"]["epoch"]
-        for epoch in range(start_epoch, plan.epochs):
-            self.freezer.train_mode()
-            self.data.train.set_epoch(epoch)
-            policy_before = self.policy_time
-            samples = 0
-            flops_epoch = 0.0
-            loss_sum = torch.zeros((), device=self.device)
-            correct = torch.zeros((), device=self.device, dtype=torch.long)
-            skip, loop_before = 0, 0.0
-            part = self._resumed["epoch_acc"] if self._resumed is not None and epoch == start_epoch else None
-            if part:  # an epoch stopped at a step boundary: its partial sums and the batches it consumed
-                skip, samples, flops_epoch = self._resumed["position"]["batch"], part["samples"], part["flops_epoch"]
-                loss_sum += part["loss_sum"].to(self.device)
-                correct += part["correct"].to(self.device)
-                policy_before -= part["policy_s"]
-                loop_before = part["loop_s"]
-            bar = tqdm(total=plan.steps_per_epoch, desc=f"epoch {epoch + 1}/{plan.epochs}", leave=False,
-                       disable=not bar_enabled, file=sys.stderr, dynamic_ncols=True,
-                       mininterval=0.2 if sys.stderr.isatty() else 15.0)  # logs get few lines
-            self._sync()
-            t0 = time.perf_counter()
-            for b, (x, y, idx) in self._epoch_batches(skip):
-                if b >= plan.steps_per_epoch:
-                    break
-                if channels_last and x.dim() == 4:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                self._set_lr(self.step)
-                with self._autocast():
-                    out = self._forward(x, idx)
-                losses = F.cross_entropy(out.float(), y, reduction="none")
-                loss = losses.mean()
-                if faults.ARMED and b == plan.steps_per_epoch // 2:  # test-only SIGKILL (freezebench.faults)
-                    faults.at("mid_step", epoch + 1)
-                self.optimizer.zero_grad(set_to_none=True)
-                if self.scaler is not None:
-                    self.scaler.scale(loss).backward()
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                else:
-                    loss.backward()
-                    self.optimizer.step()
-                self.step += 1
-                n = len(y)
-                samples += n
-                loss_sum += losses.detach().sum()
-                correct += (out.detach().argmax(1) == y).sum()
-                flops_epoch += self.step_cost * n  # step_cost changes only when the frozen set does
-                if self.step % check_every == 0:
-                    self._check_finite(loss)
-                    bar.set_postfix(loss=f"{loss.item():.3f}", frozen=len(self.freezer.frozen), refresh=False)
-                for after_step in step_hooks:  # sparsity, sieve, the policy tick, ... (freezebench.trainer.hooks)
-                    after_step(self, self.step, losses, idx)
-                bar.update(1)
-                if self._should_stop():
-                    part = {"samples": samples, "flops_epoch": flops_epoch, "loss_sum": loss_sum.detach().cpu(),
-                            "correct": correct.cpu(), "policy_s": self.policy_time - policy_before,
-                            "loop_s": loop_before + time.perf_counter() - t0}
-                    self._interrupt(epoch, b + 1, part, self._accounting(tflops, tflops_full, history, val_loss,
-                                                                         val_acc, t_start))
-            self._sync()
-            t_loop = time.perf_counter() - t0 + loop_before
-            bar.close()
-            if self.dist is not None:
-                samples, flops_epoch, loss_sum, correct = self._reduce_epoch(samples, flops_epoch, loss_sum, correct)
-            train_loss = loss_sum.item() / max(samples, 1)
-            self._check_finite(torch.tensor(train_loss))
-            policy_s = self.policy_time - policy_before
-            last = epoch == plan.epochs - 1
-            t1 = time.perf_counter()
-            if last or (tc.eval_every and (epoch + 1) % tc.eval_every == 0):
-                val_loss, val_acc = self.evaluate()
-            eval_s = time.perf_counter() - t1
-            tflops += flops_epoch / 1e12
-            tflops_full += full_cost * samples / 1e12
-            m = {
-                "train/loss": train_loss,
-                "train/acc": correct.item() / max(samples, 1),
-                "val/loss": val_loss,
-                "val/acc": val_acc,
-                "time/epoch_s": t_loop + eval_s,
-                "time/train_s": t_loop - policy_s,
-                "time/eval_s": eval_s,
-                "time/policy_s": policy_s,
-                "cost/tflops": tflops,
-                "cost/tflops_epoch": flops_epoch / 1e12,
-                "cost/tflops_full": tflops_full,
-                "freeze/frozen_units": float(len(self.freezer.frozen)),
-                "freeze/frozen_param_frac": self.freezer.frozen_param_fraction,
-                "mem/peak_mb": peak_memory_mb(self.device),
-                "lr": self.current_lr_factor * self.cfg.optim.lr,
-                "data/samples_per_epoch": float(samples),
-            }
-            for h in self.hooks:
-                m.update(h.epoch_metrics())
-            m = {k: v for k, v in m.items() if not (isinstance(v, float) and math.isnan(v))}
-            history.append(m)
-            for h in epoch_hooks:  # tracking logs m
-                h.on_epoch_end(self, epoch, m)
-            if bar_enabled:
-                tqdm.write(
-                    f"epoch {epoch + 1:>3}/{plan.epochs}  loss {train_loss:.4f}  val/acc {val_acc:.4f}  "
-                    f"frozen {len(self.freezer.frozen)}/{len(self.units) - 1}  "
-                    f"{m['time/epoch_s']:.1f}s (policy {policy_s:.2f}s)",
-                    file=sys.stderr,
-                )
-            accounting = self._accounting(tflops, tflops_full, history, val_loss, val_acc, t_start)
-            if tc.checkpoint_every and (epoch + 1) % tc.checkpoint_every == 0 and not last:
-                self.save_state(epoch=epoch + 1, batch=0, epoch_acc=None, accounting=accounting)
-            if faults.ARMED and not last:  # test-only SIGKILL (freezebench.faults)
-                faults.at("after_epoch_log", epoch + 1)
-        if self._closing:  # resumed from a finished checkpoint: only the run's end is redone (reliability.py)
-            final = dict(self._resumed["accounting"].get("final") or history[-1])
-            return RunResult(run_id=self.tracker.run_id, metrics=final, history=history,
-                             events=list(self.freezer.events), unit_names=[u.name for u in self.units])
-        total = time.perf_counter() - t_start
-        final = dict(history[-1]) if history else {}
+        plan, state = self.plan, self.state
+        self.freezer.train_mode()
+        self.data.train.set_epoch(epoch)
+        state.epoch = epoch
+        sums, self._pending_sums = self._pending_sums, None
+        if sums is None:
+            sums = EpochSums.start(self.device, state.policy_time)
+            state.batch = 0
+        show = self.cfg.trainer.progress and self.rank == 0
+        bar = tqdm(total=plan.steps_per_epoch, desc=f"epoch {epoch + 1}/{plan.epochs}", leave=False,
+                   disable=not show, file=sys.stderr, dynamic_ncols=True,
+                   mininterval=0.2 if sys.stderr.isatty() else 15.0)  # logs get few lines
+        self._sync()
+        t0 = time.perf_counter()
+        for b, (x, y, idx) in self._epoch_batches(state.batch):
+            if b >= plan.steps_per_epoch:
+                break
+            loss = self.train_step(x, y, idx, sums)
+            state.batch = b + 1
+            if state.step % self._check_every == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}", frozen=len(self.freezer.frozen), refresh=False)
+            bar.update(1)
+            if self._should_stop():
+                self._interrupt(sums.to_checkpoint(state.policy_time, sums.loop_before + time.perf_counter() - t0))
+        self._sync()
+        sums.loop_s = time.perf_counter() - t0 + sums.loop_before
+        bar.close()
+        return sums
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, sums: EpochSums) -> torch.Tensor:
+        """One optimiser step on the batch ``(x, y, idx)``, added to ``sums``, then the step hooks; the loss."""
+        state = self.state
+        if self._channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        self._set_lr(state.step)
+        with self.autocast():
+            out = self.forward(x, idx)
+        losses = F.cross_entropy(out.float(), y, reduction="none")
+        loss = losses.mean()
+        if faults.ARMED and state.batch == self.plan.steps_per_epoch // 2:  # test-only SIGKILL (faults.py)
+            faults.at("mid_step", state.epoch + 1)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        state.step += 1
+        n = len(y)
+        sums.samples += n
+        sums.loss_sum += losses.detach().sum()
+        sums.correct += (out.detach().argmax(1) == y).sum()
+        sums.flops += self.step_cost * n  # step_cost changes only when the frozen set does
+        if state.step % self._check_every == 0:  # a host sync: only every check_finite_every steps
+            self._check_finite(loss)
+        for after_step in self._step_hooks:  # sparsity, sieve, the policy tick, ... (freezebench.trainer.hooks)
+            after_step(self, state.step, losses, idx)
+        return loss
+
+    def end_epoch(self, epoch: int, sums: EpochSums) -> dict[str, float]:
+        """The end of epoch ``epoch``: sums over ranks, evaluation when due, accounting, the epoch's metrics
+        (returned, and given to every hook's ``on_epoch_end``), a checkpoint every ``checkpoint_every``."""
+        state, plan, tc = self.state, self.plan, self.cfg.trainer
+        self.parallel.reduce_epoch(sums, self.model)  # the sums over ranks; rank 0's BatchNorm statistics
+        samples = sums.samples
+        train_loss = sums.loss_sum.item() / max(samples, 1)
+        self._check_finite(torch.tensor(train_loss))
+        policy_s = state.policy_time - sums.policy_before
+        last = epoch == plan.epochs - 1
+        t1 = time.perf_counter()
+        if last or (tc.eval_every and (epoch + 1) % tc.eval_every == 0):
+            state.val_loss, state.val_acc = self.evaluate()
+        eval_s = time.perf_counter() - t1
+        state.tflops += sums.flops / 1e12
+        state.tflops_full += self.dense_full_step_flops * samples / 1e12
+        m = {
+            M.TRAIN_LOSS: train_loss,
+            M.TRAIN_ACC: sums.correct.item() / max(samples, 1),
+            M.VAL_LOSS: state.val_loss,
+            M.VAL_ACC: state.val_acc,
+            M.TIME_EPOCH_S: sums.loop_s + eval_s,
+            M.TIME_TRAIN_S: sums.loop_s - policy_s,
+            M.TIME_EVAL_S: eval_s,
+            M.TIME_POLICY_S: policy_s,
+            M.COST_TFLOPS: state.tflops,
+            M.COST_TFLOPS_EPOCH: sums.flops / 1e12,
+            M.COST_TFLOPS_FULL: state.tflops_full,
+            M.FROZEN_UNITS: float(len(self.freezer.frozen)),
+            M.FROZEN_PARAM_FRAC: self.freezer.frozen_param_fraction,
+            M.PEAK_MB: peak_memory_mb(self.device),
+            M.LR: state.lr_factor * self.cfg.optim.lr,
+            M.SAMPLES_PER_EPOCH: float(samples),
+        }
+        for h in self.hooks:
+            m.update(h.epoch_metrics())
+        m = {k: v for k, v in m.items() if not (isinstance(v, float) and math.isnan(v))}
+        state.history.append(m)
+        state.epoch, state.batch = epoch + 1, 0
+        for h in self._epoch_hooks:  # tracking logs m
+            h.on_epoch_end(self, epoch, m)
+        if tc.progress and self.rank == 0:
+            from tqdm.auto import tqdm
+
+            tqdm.write(
+                f"epoch {epoch + 1:>3}/{plan.epochs}  loss {train_loss:.4f}  val/acc {state.val_acc:.4f}  "
+                f"frozen {len(self.freezer.frozen)}/{len(self.units) - 1}  "
+                f"{m[M.TIME_EPOCH_S]:.1f}s (policy {policy_s:.2f}s)",
+                file=sys.stderr,
+            )
+        if tc.checkpoint_every and (epoch + 1) % tc.checkpoint_every == 0 and not last:
+            self.save_state()
+        if faults.ARMED and not last:  # test-only SIGKILL (freezebench.faults)
+            faults.at("after_epoch_log", epoch + 1)
+        return m
+
+    def _result(self) -> RunResult:
+        state = self.state
+        final = dict(state.history[-1]) if state.history else {}
         final.update({
-            "time/total_s": total,
-            "time/policy_total_s": self.policy_time,
-            "cost/saving_frac": 1 - tflops / tflops_full if tflops_full else 0.0,
-            "freeze/events": float(len(self.freezer.events)),
+            M.TIME_TOTAL_S: time.perf_counter() - self._t_start,
+            M.TIME_POLICY_TOTAL_S: state.policy_time,
+            M.COST_SAVING_FRAC: 1 - state.tflops / state.tflops_full if state.tflops_full else 0.0,
+            M.FREEZE_EVENTS: float(len(self.freezer.events)),
         })
-        # the finished checkpoint carries the final metrics, so that a resume can close the run without training
-        self._final_accounting = {**self._accounting(tflops, tflops_full, history, val_loss, val_acc, t_start),
-                                  "final": final}
-        return RunResult(run_id=self.tracker.run_id, metrics=final, history=history,
+        return RunResult(run_id=self.tracker.run_id, metrics=final, history=[dict(h) for h in state.history],
                          events=list(self.freezer.events), unit_names=[u.name for u in self.units])
 
-    # --- checkpoint and resume (freezebench.trainer.checkpoint) ------------------------------------------------
+    def _epoch_batches(self, skip: int) -> Any:
+        """``enumerate`` over this epoch's training batches from batch ``skip`` on.
+
+        The ``skip`` batches a stopped run had consumed are drawn again (not trained on), so the randomness of
+        augmentation stays in step; then the random states saved with the checkpoint are restored.
+        """
+        it = iter(self.train_batches())
+        for _ in zip(range(skip), it):
+            pass
+        if self._pending_rng is not None:
+            ckpt.set_rng_state(self._pending_rng)
+            self._pending_rng = None
+        yield from enumerate(it, start=skip)
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss).all():
+            raise NonFiniteLossError(
+                f"non-finite training loss ({loss.item()}) at step {self.step} (epoch "
+                f"{self.plan.epoch_of(self.step):.2f}); lower optim.lr or check the data"
+            )
+
+    # --- stopping ------------------------------------------------------------------------------------
+    def request_stop(self, signum: int = signal.SIGTERM) -> None:
+        """Stop at the next step boundary after writing a checkpoint (what SIGTERM and SIGINT do)."""
+        self._stop_signal = int(signum)
+
+    @property
+    def stop_requested(self) -> int | None:
+        """The signal number a stop was requested with (:meth:`request_stop`), else ``None``."""
+        return self._stop_signal
+
+    def _should_stop(self) -> bool:
+        """Whether a stop was requested; under DDP agreed by all ranks every check_finite_every steps."""
+        stop = self.parallel.agree(self._stop_signal is not None, self.step, self._check_every, self.device)
+        if stop and self._stop_signal is None:
+            self._stop_signal = signal.SIGTERM
+        return stop
+
+    def _interrupt(self, part: dict[str, Any]) -> None:
+        signum = self._stop_signal or signal.SIGTERM
+        state = self.state
+        path = self.save_state(epoch_acc=part)
+        name = signal.Signals(signum).name
+        raise TrainingInterrupted(
+            f"{name}: stopped at step {self.step} (epoch {state.epoch + 1}, batch {state.batch}); checkpoint {path}; "
+            f"continue with the same command line plus resume={path} (or resume=auto)", signum,
+            str(path) if path else None)
+
+    # --- the training state, checkpoint and resume (freezebench.trainer.checkpoint) -----------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The training state between two steps (without this process's random states and partial epoch):
+        weights, optimiser, gradient scaler, freezer, policy, every stateful hook (under its name),
+        learning-rate overrides, position and accounting."""
+        state = self.state
+        return {
+            "model_state": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "freezer": self.freezer.state_dict(),
+            "policy": self.policy.state_dict(),
+            "hooks": ckpt.hook_states(self.hooks),
+            "lr_override": {int(k): float(v) for k, v in self.lr_override.items()},
+            "lr_factor": float(state.lr_factor),
+            "position": state.position(),
+            "accounting": state.accounting(time.perf_counter() - self._t_start),
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Put this (fully built, not yet trained) trainer into the state :meth:`state_dict` returned."""
+        self.model.load_state_dict(sd["model_state"])
+        self.freezer.load_state_dict(sd["freezer"])  # frozen groups emptied first: optimiser shapes match
+        self.policy.notify_frozen(frozenset(self.freezer.frozen))
+        self.policy.load_state_dict(sd["policy"])
+        self.optimizer.load_state_dict(sd["optimizer"])
+        ckpt.load_hook_states(self.hooks, sd["hooks"])  # after the optimiser: masks zero its state too
+        self.freezer.reattach_optimizer()
+        if self.scaler is not None and sd.get("scaler"):
+            self.scaler.load_state_dict(sd["scaler"])
+        self.lr_override = {int(k): float(v) for k, v in sd["lr_override"].items()}
+        self.state.load(sd["position"], sd["accounting"], sd["lr_factor"])
+        self.step_cost = self.cost.step_flops(self.freezer.frozen)
+
     @property
     def run_dir(self) -> Path:
         """Where last.pt goes: ``<trainer.output_dir>/<MLflow run id, or the run name when untracked>``, or the
         folder of the checkpoint this run resumed from (which is then superseded, never left unfinished)."""
-        if self._resumed is not None:
-            return Path(self._resumed["path"]).parent
+        if self.resumed_from is not None:
+            return Path(self.resumed_from["path"]).parent
         return Path(self.cfg.trainer.output_dir) / (self.tracker.run_id or self.run_name)
 
-    def _load_resume(self) -> dict[str, Any] | None:
-        """Restore the state of the checkpoint ``resume`` names (nothing when it names none)."""
+    def _resume(self) -> dict[str, Any] | None:
+        """Apply the checkpoint ``resume`` names (nothing when it names none); what it was."""
         fingerprint = ckpt.config_fingerprint(flatten(self.cfg))
         path = ckpt.resolve(self.cfg.resume, self.cfg.trainer.output_dir, fingerprint) if self.rank == 0 else None
-        if self.dist is not None:
-            path = distributed.broadcast_object(path)
+        path = self.parallel.broadcast(path)
         if path is None:
             return None
         payload = ckpt.read(path)
@@ -643,127 +766,50 @@ class Trainer:
         if inexact and self.rank == 0:
             print(f"freezebench: warning: {inexact}", file=sys.stderr, flush=True)
         ckpt.restore(self, payload, path)
-        self.policy_time = float(payload["accounting"]["policy_time"])
         self._pending_rng = payload["rng"][self.rank]
-        epoch_acc = payload["epoch_acc"][self.rank] if payload["epoch_acc"] else None
+        part = payload["epoch_acc"][self.rank] if payload["epoch_acc"] else None
+        if part:  # an epoch stopped at a step boundary: its partial sums (the batches it consumed: state.batch)
+            self._pending_sums = EpochSums.from_checkpoint(part, self.device, self.state.policy_time)
         run_id = payload["mlflow"]["run_id"]
         if run_id and self.cfg.tracking.enabled and not self.cfg.tracking.run_id:  # an explicit run id wins
             self.cfg.tracking.run_id = run_id
         pos = payload["position"]
         log.warning("resuming from %s: epoch %d, batch %d, step %d%s", path, pos["epoch"], pos["batch"], pos["step"],
                     f", MLflow run {run_id}" if run_id else "")
-        return {"path": str(path), "position": pos, "epoch_acc": epoch_acc, "accounting": payload["accounting"],
-                "run_id": run_id, "finished": bool(payload.get("finished"))}
+        return {"path": str(path), "run_id": run_id, "history": [dict(h) for h in payload["accounting"]["history"]],
+                "finished": bool(payload.get("finished"))}
 
-    def _accounting(self, tflops: float, tflops_full: float, history: list[dict[str, float]], val_loss: float,
-                    val_acc: float, t_start: float) -> dict[str, Any]:
-        return {"tflops": tflops, "tflops_full": tflops_full, "history": [dict(h) for h in history],
-                "val_loss": val_loss, "val_acc": val_acc, "elapsed_s": time.perf_counter() - t_start,
-                "policy_time": self.policy_time}
-
-    def _epoch_batches(self, skip: int) -> Any:
-        """``enumerate`` over this epoch's training batches from batch ``skip`` on.
-
-        The ``skip`` batches a stopped run had consumed are drawn again (not trained on), so the randomness of
-        augmentation stays in step; then the random states saved with the checkpoint are restored.
-        """
-        it = iter(self._train_batches())
-        for _ in zip(range(skip), it):
-            pass
-        if self._pending_rng is not None:
-            ckpt.set_rng_state(self._pending_rng)
-            self._pending_rng = None
-        yield from enumerate(it, start=skip)
-
-    def save_state(self, *, epoch: int, batch: int, epoch_acc: dict[str, Any] | None, accounting: dict[str, Any],
-                   finished: bool = False) -> Path | None:
-        """Write the full training state to :attr:`run_dir`/last.pt atomically (see :mod:`freezebench.trainer.checkpoint`)."""
-        local = {"rng": ckpt.rng_state(), "epoch_acc": epoch_acc}  # per rank
-        ranks = distributed.all_gather_object(local) if self.dist is not None else [local]
+    def save_state(self, *, epoch_acc: dict[str, Any] | None = None, finished: bool = False) -> Path | None:
+        """Write the training state to :attr:`run_dir`/last.pt atomically (rank 0, with every rank's random
+        states and partial epoch ``epoch_acc``; see :mod:`freezebench.trainer.checkpoint`)."""
+        ranks = self.parallel.gather({"rng": ckpt.rng_state(), "epoch_acc": epoch_acc})
         path: Path | None = None
         error = None
         if self.rank == 0:
             payload = ckpt.build_payload(
-                self, epoch=epoch, batch=batch, rng=[r["rng"] for r in ranks], accounting=accounting,
+                self.state_dict(), self.checkpoint_payload(), self.cfg, rng=[r["rng"] for r in ranks],
                 epoch_acc=None if epoch_acc is None else [r["epoch_acc"] for r in ranks],
-                world_size=self.world_size, finished=finished)
+                world_size=self.world_size, mlflow={"run_id": self.tracker.run_id, "uri": self.tracker.uri},
+                finished=finished, device=self.device)
             try:
                 path = ckpt.write(payload, self.run_dir / ckpt.LAST)
             except ckpt.CheckpointError as e:
                 error = e
-        if self.dist is not None:  # every rank learns how the write went (and waits for it)
-            path, message = distributed.broadcast_object((path, None if error is None else str(error)))
-            if message is not None:
-                raise ckpt.CheckpointError(message)
+        # every rank learns how the write went (and waits for it)
+        path, message = self.parallel.broadcast((path, None if error is None else str(error)))
         if error is not None:
             raise error
+        if message is not None:
+            raise ckpt.CheckpointError(message)
         if finished and faults.ARMED:  # test-only SIGKILL (freezebench.faults)
-            faults.at("after_final_checkpoint", epoch)
+            faults.at("after_final_checkpoint", self.plan.epochs)
         for h in self.hooks:  # e.g. tracking logs the epochs this checkpoint covers (exactly once)
-            h.on_checkpoint(self, epoch, finished)
+            h.on_checkpoint(self, self.state.epoch, finished)
         return path
 
-    def _save_final_state(self) -> None:
-        if self.cfg.trainer.checkpoint_every and self._final_accounting is not None:
-            self.save_state(epoch=self.plan.epochs, batch=0, epoch_acc=None, accounting=self._final_accounting,
-                            finished=True)
-
-    # --- data parallelism (freezebench.trainer.distributed) ----------------------------------------------------
-    def _decide(self, step: int) -> Decision | None:
-        """The policy's decision; under DDP rank 0's, broadcast, so every rank freezes the same units."""
-        decision = self.policy.decide(step)
-        if self.dist is not None:
-            decision = distributed.broadcast_object(decision)
-        return decision
-
-    def _wrap_ddp(self) -> None:
-        if self.dist is not None:
-            old, self.train_model = self.train_model, self.model
-            self.train_model = distributed.wrap(self.model, self.device, old)
-
-    def _reduce_epoch(self, samples: int, flops: float, loss_sum: torch.Tensor,
-                      correct: torch.Tensor) -> tuple[int, float, torch.Tensor, torch.Tensor]:
-        """Epoch sums over all ranks, and rank 0's buffers (BatchNorm statistics) on every rank."""
-        s, f, ls, c = distributed.all_reduce_sum([samples, flops, loss_sum.item(), correct.item()], self.device)
-        distributed.broadcast_buffers(self.model)
-        return int(s), f, torch.tensor(ls), torch.tensor(int(c))
-
-    def _should_stop(self) -> bool:
-        """Whether SIGTERM/SIGINT asked to stop; under DDP agreed by all ranks every check_finite_every steps."""
-        if self.dist is None:
-            return self._stop_signal is not None
-        if self.step % self.cfg.trainer.check_finite_every:
-            return False
-        stop = distributed.any_rank(self._stop_signal is not None, self.device)
-        if stop and self._stop_signal is None:
-            self._stop_signal = signal.SIGTERM
-        return stop
-
-    def request_stop(self, signum: int = signal.SIGTERM) -> None:
-        """Stop at the next step boundary after writing a checkpoint (what SIGTERM and SIGINT do)."""
-        self._stop_signal = int(signum)
-
-    @property
-    def stop_requested(self) -> int | None:
-        """The signal number a stop was requested with (:meth:`request_stop`), else ``None``."""
-        return self._stop_signal
-
-    def _interrupt(self, epoch: int, batch: int, part: dict[str, Any], accounting: dict[str, Any]) -> None:
-        signum = self._stop_signal or signal.SIGTERM
-        path = self.save_state(epoch=epoch, batch=batch, epoch_acc=part, accounting=accounting)
-        name = signal.Signals(signum).name
-        raise TrainingInterrupted(
-            f"{name}: stopped at step {self.step} (epoch {epoch + 1}, batch {batch}); checkpoint {path}; continue "
-            f"with the same command line plus resume={path} (or resume=auto)", signum, str(path) if path else None)
-
-    def _check_finite(self, loss: torch.Tensor) -> None:
-        if not torch.isfinite(loss).all():
-            raise NonFiniteLossError(
-                f"non-finite training loss ({loss.item()}) at step {self.step} (epoch "
-                f"{self.plan.epoch_of(self.step):.2f}); lower optim.lr or check the data"
-            )
-
+    # --- the end of a run ----------------------------------------------------------------------------
     def checkpoint_payload(self) -> dict[str, Any]:
+        """The final weights with the model's description (what ``final.pt`` holds; ``model.checkpoint=``)."""
         info = self.data.info
         return {
             "model_state": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
@@ -780,6 +826,18 @@ class Trainer:
     def save_checkpoint(self, path: str | Path) -> Path:
         """Write the final weights atomically (temporary file + rename)."""
         return atomic_torch_save(self.checkpoint_payload(), path)
+
+    def log_start(self) -> None:
+        """Parameters, config and unit table to the tracker (the tracking hook's start)."""
+        self.tracker.log_params({**flatten(self.cfg), "units.count": len(self.units),
+                                 "units.params": self.partition.total_params,
+                                 "units.gflops_per_sample_full": self.cost.full_step_flops / 1e9})
+        self.tracker.log_text(to_yaml(self.cfg), "config.yaml")
+        self.tracker.log_text(self.partition.table(), "units.txt")
+        if self.resumed_from is not None:  # what the checkpoint covers and the run lacks (reliability.py)
+            self.tracker.skip_held_metrics()
+            for i, m in enumerate(self.resumed_from["history"]):
+                self.tracker.log_metrics(m, step=i + 1)
 
     def log_end(self, result: RunResult) -> None:
         """Freeze events, timeline plot, summary, final weights and end metrics (the tracking hook's end)."""

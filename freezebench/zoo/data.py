@@ -29,6 +29,7 @@ import torch
 
 from ..errors import DatasetNotFoundError
 from ..registry import DATASETS
+from .sampling import EpochShuffle, epoch_seed
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -103,11 +104,13 @@ class TensorLoader:
         return xb
 
     def __iter__(self) -> Iterator[Batch]:
-        n = len(self.x)
-        gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
+        order, gen = EpochShuffle(len(self.x), self.seed, self.shuffle).order(self.epoch)
+        yield from self.batches_of(order, gen, batches=len(self))
+
+    def batches_of(self, order: torch.Tensor, gen: torch.Generator, batches: int | None = None) -> Iterator[Batch]:
+        """The samples ``order`` in batches (``batches`` of them; all by default), augmented from ``gen``."""
         order = order.to(self.device)
-        for b in range(len(self)):
+        for b in range(math.ceil(len(order) / self.batch_size) if batches is None else batches):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
             yield self._prepare(self.x[idx], gen if self.augment else None), self.y[idx], idx
 
@@ -167,13 +170,22 @@ class FolderLoader:
         return torch.stack(xs).to(self.device), torch.as_tensor(ys).to(self.device)
 
     def __iter__(self) -> Iterator[Batch]:
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         dl = torch.utils.data.DataLoader(
             self.ds, batch_size=self.batch_size, shuffle=self.shuffle, generator=gen,
             num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
         )
+        yield from self._to_device(dl)
+
+    def batches_of(self, order: torch.Tensor, gen: torch.Generator) -> Iterator[Batch]:
+        """The samples ``order`` in batches (a DataLoader over those indices, its workers seeded from ``gen``)."""
+        dl = torch.utils.data.DataLoader(self.ds, batch_size=self.batch_size, sampler=order.tolist(), generator=gen,
+                                         num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
+        yield from self._to_device(dl)
+
+    def _to_device(self, dl: Any) -> Iterator[Batch]:
+        nb = self.device.type == "cuda"
         for x, y, i in dl:
-            nb = self.device.type == "cuda"
             yield x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb), i.to(self.device)
 
 
