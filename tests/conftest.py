@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+# Hypothesis keeps no example database, and its caches go to a temporary folder (not ./.hypothesis)
+os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gettempdir(), "freezebench-hypothesis"))
+try:
+    from hypothesis import settings
+
+    settings.register_profile("freezebench", database=None)
+    settings.load_profile("freezebench")
+except ImportError:
+    pass
 
 
 @pytest.fixture(scope="session")
@@ -56,6 +67,15 @@ def tiny_overrides():
 def _threads():
     torch.set_num_threads(2)
     yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_in_tmp(tmp_path_factory):
+    """Session- and module-scoped fixtures (reference runs, predictor data) run in a temporary folder too."""
+    old = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(old)
 
 
 @pytest.fixture(autouse=True)

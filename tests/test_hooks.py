@@ -157,3 +157,6 @@ def test_version_1_checkpoints_still_load(tiny_overrides, tmp_path):
     resumed = Trainer(load_config([*over, "resume=auto"]))
     assert resumed.step == 6
     assert_state_equal(resumed.sparsity.state_dict(), cut.sparsity.state_dict())
+    # a key the old checkpoint lacks counts as its default: a run that sets it otherwise is another config
+    with pytest.raises(CheckpointError, match="trainer.grad_norm_metric: checkpoint False, this run True"):
+        Trainer(load_config([*over, "trainer.grad_norm_metric=true", f"resume={path}"]))

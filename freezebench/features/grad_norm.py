@@ -10,7 +10,8 @@ gradient). The running sum and step count are the hook's state, so a run stopped
 logs the same mean as an uninterrupted one.
 
 This feature is the worked example of :mod:`freezebench.trainer.hooks`: it touches this module, one
-config default (``TrainerConfig.grad_norm_metric``) and one line of the trainer's hook assembly.
+config default (``TrainerConfig.grad_norm_metric``) and the trainer's hook assembly (an import and one entry
+in ``Trainer._build_hooks``); the checkpoint stores its state under its name without being told.
 """
 
 from __future__ import annotations

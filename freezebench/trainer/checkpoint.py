@@ -39,6 +39,7 @@ policy's state round-trips (``tests/test_contract.py``).
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 from collections.abc import Mapping
@@ -67,11 +68,20 @@ IGNORED_KEYS = frozenset({
 })
 IGNORED_PREFIXES = ("tracking.",)
 
-#: config keys added after checkpoints were first written, with the value (as ``repr``) that reproduces the
-#: training of a freezebench that did not have them: a checkpoint without the key matches that value
-ADDED_KEYS = {
-    "trainer.grad_norm_metric": repr(False),
-}
+
+@functools.lru_cache(maxsize=1)
+def default_fingerprint() -> dict[str, str]:
+    """The built-in default of every config key outside ``policy.*``, as :func:`config_fingerprint` strings.
+
+    A key a checkpoint's config lacks was added to freezebench after it was written; it counts as having had
+    its default there (a new key defaults to the behaviour before it existed), so older checkpoints resume.
+    """
+    from omegaconf import OmegaConf
+
+    from ..config import Config, flatten
+
+    return {k: v for k, v in config_fingerprint(flatten(OmegaConf.structured(Config))).items()
+            if not k.startswith("policy.")}
 
 
 def config_fingerprint(flat: Mapping[str, Any]) -> dict[str, str]:
@@ -83,7 +93,7 @@ def config_differences(saved: Mapping[str, str], now: Mapping[str, str]) -> list
     """``key: checkpoint X, this run Y`` for every key whose value differs (or exists on one side only)."""
     out = []
     for k in sorted(set(saved) | set(now)):
-        a, b = saved.get(k, ADDED_KEYS.get(k, "<absent>")), now.get(k, "<absent>")
+        a, b = saved.get(k, default_fingerprint().get(k, "<absent>")), now.get(k, "<absent>")
         if a != b:
             out.append(f"{k}: checkpoint {a}, this run {b}")
     return out

@@ -51,11 +51,15 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .. import __version__
 from .. import metrics as M
+from ..config import flatten, to_yaml
+from .tracking import csv_text, git_commit
 
 if TYPE_CHECKING:  # the loop imports this module
     from .loop import RunResult, Trainer
@@ -203,7 +207,8 @@ class StopSignalHook(Hook):
 
 
 class TrackingHook(Hook):
-    """MLflow: the run starts with the fit, every epoch's metrics are logged, the end logs the artifacts.
+    """The run record: the MLflow run starts with the fit, every epoch's metrics are logged, the end logs the
+    freeze events, timeline, summary and end metrics and writes ``final.pt`` (``trainer.save_checkpoint``).
 
     The run is marked KILLED (interrupted) or FAILED (anything else raised) with an ``error`` tag; a resumed
     run that finishes loses the stale ``error`` tag. With checkpoints on, an epoch's metrics wait for the
@@ -217,8 +222,8 @@ class TrackingHook(Hook):
         self.pending: list[tuple[int, dict[str, float]]] = []  # (step, metrics) not covered by a checkpoint yet
 
     def on_fit_start(self, trainer: Trainer) -> None:
-        trainer.tracker.start(trainer.run_name, trainer.tags())
-        trainer.log_start()
+        trainer.tracker.start(trainer.run_name, self.tags(trainer))
+        self.log_start(trainer)
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None:
         if trainer.cfg.trainer.checkpoint_every:
@@ -237,7 +242,7 @@ class TrackingHook(Hook):
         if error is None and result is not None:
             try:
                 if trainer.rank == 0:
-                    trainer.log_end(result)
+                    self.log_end(trainer, result)
                     if trainer.resumed_from is not None:
                         tracker.delete_tags(["error"])  # the interrupted attempt's error is history now
             except BaseException as e:
@@ -250,6 +255,83 @@ class TrackingHook(Hook):
             return
         if error is not None:
             self._failed(tracker, error)
+
+    @staticmethod
+    def tags(tr: Trainer) -> dict[str, str]:
+        """The run's MLflow tags (policy, model, dataset, seed, version, commit, ``tracking.tags.*``, description)."""
+        c = tr.cfg
+        tags = {"policy": c.policy.name, "model": c.model.name, "dataset": c.data.name,
+                "seed": str(c.trainer.seed), "freezebench_version": __version__,
+                "granularity": tr.partition.granularity, "device": str(tr.device)}
+        commit = git_commit()
+        if commit:
+            tags["git_commit"] = commit
+        tags.update({k: str(v) for k, v in c.tracking.tags.items()})
+        tags.setdefault("mlflow.note.content", TrackingHook.description(tr, tags.get("suite")))  # the run's description
+        return tags
+
+    @staticmethod
+    def description(tr: Trainer, suite: str | None = None) -> str:
+        """One paragraph for the MLflow UI's run description (Markdown)."""
+        c, p = tr.cfg, tr.plan
+        text = (f"**{c.policy.name}** freezing on **{c.model.name}** / **{c.data.name}**, seed {c.trainer.seed}: "
+                f"{p.epochs} epochs of {p.steps_per_epoch} steps (batch {c.data.batch_size}), {c.optim.name} "
+                f"lr {c.optim.lr} with a {c.schedule.name} schedule, {len(tr.units)} units "
+                f"({tr.partition.granularity} granularity) on {tr.device}.")
+        if suite:
+            text += f" Part of suite `{suite}` (`freezebench compare --filter \"tags.suite = '{suite}'\"`)."
+        return text
+
+    @staticmethod
+    def log_start(tr: Trainer) -> None:
+        """Parameters, config and unit table; a run tracked only from a resume on gets the earlier epochs."""
+        tr.tracker.log_params({**flatten(tr.cfg), "units.count": len(tr.units),
+                                 "units.params": tr.partition.total_params,
+                                 "units.gflops_per_sample_full": tr.cost.full_step_flops / 1e9})
+        tr.tracker.log_text(to_yaml(tr.cfg), "config.yaml")
+        tr.tracker.log_text(tr.partition.table(), "units.txt")
+        if tr.resumed_from is not None:  # what the checkpoint covers and the run lacks (reliability.py)
+            tr.tracker.skip_held_metrics()
+            for i, m in enumerate(tr.resumed_from["history"]):
+                tr.tracker.log_metrics(m, step=i + 1)
+
+    @staticmethod
+    def log_end(tr: Trainer, result: RunResult) -> None:
+        """Freeze events, timeline plot, summary, the final weights (``final.pt``) and the end metrics."""
+        ev = result.events
+        cols = {
+            "unit": [e.unit for e in ev], "name": [e.name for e in ev], "step": [e.step for e in ev],
+            "epoch": [e.epoch for e in ev], "num_params": [e.num_params for e in ev],
+            "action": [e.action for e in ev], "reason": [e.reason for e in ev],
+        }
+        tr.tracker.log_text(csv_text(cols), "freeze_events.csv")
+        tr.tracker.log_table(cols, "freeze_events.json")
+        from ..analysis.plots import freeze_timeline
+
+        import matplotlib.pyplot as plt
+
+        fig = freeze_timeline(result.unit_names, ev, tr.plan.epochs, title=tr.run_name)
+        tr.tracker.log_figure(fig, "freeze_timeline.png")
+        plt.close(fig)
+        summary = {"run_id": result.run_id, "run_name": tr.run_name, "metrics": result.metrics,
+                   "frozen_units": sorted(tr.freezer.frozen), "num_units": len(tr.units),
+                   "unit_names": result.unit_names, "warnings": []}
+        from .reliability import divergence
+
+        diverged = divergence(result.metrics, tr.data.info.num_classes, tr.data.info.num_val)
+        if diverged:
+            summary["warnings"].append(diverged)
+            tr.tracker.set_tags({"diverged": "true"})
+            print(f"freezebench: warning: {diverged}", file=sys.stderr, flush=True)
+        tr.tracker.log_dict(summary, "summary.json")
+        if tr.cfg.trainer.save_checkpoint:
+            folder = Path(tr.cfg.trainer.output_dir) / (result.run_id or tr.run_name)
+            path = tr.save_checkpoint(folder / "final.pt")
+            result.checkpoint = str(path)
+            if tr.cfg.tracking.enabled and tr.cfg.tracking.log_checkpoint:
+                tr.tracker.log_artifact(str(path), "checkpoints")
+        tr.tracker.log_metrics({k: v for k, v in result.metrics.items() if k not in result.history[-1]},
+                                 step=tr.plan.epochs)
 
     @staticmethod
     def _failed(tracker: Any, error: BaseException) -> None:

@@ -47,7 +47,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .. import __version__, faults
 from .. import metrics as M
-from ..config import flatten, to_yaml
+from ..config import flatten
 from ..cost import CostModel
 from ..errors import ConfigError, NonFiniteLossError, TrainingInterrupted
 from ..features.cache import PrefixCache
@@ -64,7 +64,7 @@ from . import reliability
 from .freezer import FreezeEvent, Freezer, param_groups
 from .hooks import CacheHook, Hook, PolicyHook, SieveHook, SparsityHook, StopSignalHook, TrackingHook, overrides
 from .state import EpochSums, TrainState
-from .tracking import NullTracker, check_reachable, csv_text, git_commit, make_tracker, resolve_uri
+from .tracking import NullTracker, check_reachable, make_tracker, resolve_uri
 
 log = logging.getLogger(__name__)
 
@@ -297,29 +297,6 @@ class Trainer:
     def run_name(self) -> str:
         c = self.cfg
         return c.tracking.run_name or f"{c.policy.name}-{c.model.name}-{c.data.name}-s{c.trainer.seed}"
-
-    def tags(self) -> dict[str, str]:
-        c = self.cfg
-        tags = {"policy": c.policy.name, "model": c.model.name, "dataset": c.data.name,
-                "seed": str(c.trainer.seed), "freezebench_version": __version__,
-                "granularity": self.partition.granularity, "device": str(self.device)}
-        commit = git_commit()
-        if commit:
-            tags["git_commit"] = commit
-        tags.update({k: str(v) for k, v in c.tracking.tags.items()})
-        tags.setdefault("mlflow.note.content", self.description(tags.get("suite")))  # the run's description
-        return tags
-
-    def description(self, suite: str | None = None) -> str:
-        """One paragraph for the MLflow UI's run description (Markdown)."""
-        c, p = self.cfg, self.plan
-        text = (f"**{c.policy.name}** freezing on **{c.model.name}** / **{c.data.name}**, seed {c.trainer.seed}: "
-                f"{p.epochs} epochs of {p.steps_per_epoch} steps (batch {c.data.batch_size}), {c.optim.name} "
-                f"lr {c.optim.lr} with a {c.schedule.name} schedule, {len(self.units)} units "
-                f"({self.partition.granularity} granularity) on {self.device}.")
-        if suite:
-            text += f" Part of suite `{suite}` (`freezebench compare --filter \"tags.suite = '{suite}'\"`)."
-        return text
 
     # --- the state's counters as attributes ----------------------------------------------------------
     @property
@@ -826,50 +803,3 @@ class Trainer:
     def save_checkpoint(self, path: str | Path) -> Path:
         """Write the final weights atomically (temporary file + rename)."""
         return atomic_torch_save(self.checkpoint_payload(), path)
-
-    def log_start(self) -> None:
-        """Parameters, config and unit table to the tracker (the tracking hook's start)."""
-        self.tracker.log_params({**flatten(self.cfg), "units.count": len(self.units),
-                                 "units.params": self.partition.total_params,
-                                 "units.gflops_per_sample_full": self.cost.full_step_flops / 1e9})
-        self.tracker.log_text(to_yaml(self.cfg), "config.yaml")
-        self.tracker.log_text(self.partition.table(), "units.txt")
-        if self.resumed_from is not None:  # what the checkpoint covers and the run lacks (reliability.py)
-            self.tracker.skip_held_metrics()
-            for i, m in enumerate(self.resumed_from["history"]):
-                self.tracker.log_metrics(m, step=i + 1)
-
-    def log_end(self, result: RunResult) -> None:
-        """Freeze events, timeline plot, summary, final weights and end metrics (the tracking hook's end)."""
-        ev = result.events
-        cols = {
-            "unit": [e.unit for e in ev], "name": [e.name for e in ev], "step": [e.step for e in ev],
-            "epoch": [e.epoch for e in ev], "num_params": [e.num_params for e in ev],
-            "action": [e.action for e in ev], "reason": [e.reason for e in ev],
-        }
-        self.tracker.log_text(csv_text(cols), "freeze_events.csv")
-        self.tracker.log_table(cols, "freeze_events.json")
-        from ..analysis.plots import freeze_timeline
-
-        import matplotlib.pyplot as plt
-
-        fig = freeze_timeline(result.unit_names, ev, self.plan.epochs, title=self.run_name)
-        self.tracker.log_figure(fig, "freeze_timeline.png")
-        plt.close(fig)
-        summary = {"run_id": result.run_id, "run_name": self.run_name, "metrics": result.metrics,
-                   "frozen_units": sorted(self.freezer.frozen), "num_units": len(self.units),
-                   "unit_names": result.unit_names, "warnings": []}
-        diverged = reliability.divergence(result.metrics, self.data.info.num_classes, self.data.info.num_val)
-        if diverged:
-            summary["warnings"].append(diverged)
-            self.tracker.set_tags({"diverged": "true"})
-            print(f"freezebench: warning: {diverged}", file=sys.stderr, flush=True)
-        self.tracker.log_dict(summary, "summary.json")
-        if self.cfg.trainer.save_checkpoint:
-            folder = Path(self.cfg.trainer.output_dir) / (result.run_id or self.run_name)
-            path = self.save_checkpoint(folder / "final.pt")
-            result.checkpoint = str(path)
-            if self.cfg.tracking.enabled and self.cfg.tracking.log_checkpoint:
-                self.tracker.log_artifact(str(path), "checkpoints")
-        self.tracker.log_metrics({k: v for k, v in result.metrics.items() if k not in result.history[-1]},
-                                 step=self.plan.epochs)
