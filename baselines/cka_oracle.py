@@ -146,10 +146,10 @@ def read_reference(path: str) -> dict[str, Any]:
             f"policy.reference={path!r} does not exist (or is not a file); pass the final.pt of an earlier "
             f"run of the same model, e.g. outputs/<run_id>/final.pt"
         )
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ConfigError(f"policy.reference={path!r} cannot be read as a checkpoint: {type(e).__name__}: {e}") from e
+    from freezebench.fileio import read_torch
+
+    payload = read_torch(path, what="policy.reference checkpoint", error=ConfigError,  # CRC32-checked
+                         fix="the file is corrupt or truncated: pass the final.pt of another run")
     missing = [k for k in REQUIRED_KEYS if not isinstance(payload, Mapping) or k not in payload]
     if missing:
         raise ConfigError(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from freezebench.errors import ConfigError
 from freezebench.policy import Decision, FreezePolicy, Plan, PolicyConfig
 from freezebench.ranges import Range
 
@@ -43,6 +44,10 @@ class StaticFreezing(FreezePolicy):
 
     def setup(self, units, plan: Plan) -> None:
         super().setup(units, plan)
+        if self.cfg.units is not None and self.cfg.units > len(self.freezable):
+            raise ConfigError(f"policy.units={self.cfg.units} is more than the {len(self.freezable)} freezable units "
+                              f"of this model (the last unit, the head, always trains); pass at most "
+                              f"{len(self.freezable)}, or policy.fraction instead")
         self.k = static_prefix(len(self.freezable), self.cfg.units, self.cfg.fraction)
         self.at = self.cfg.at_step if self.cfg.at_step is not None else round(self.cfg.at_epoch * plan.steps_per_epoch)
 

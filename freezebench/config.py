@@ -13,6 +13,7 @@ suggesting the nearest known one.
 from __future__ import annotations
 
 from collections.abc import Sequence
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,7 @@ class TrainerConfig:
     channels_last: bool = False  # CUDA: channels_last memory format for conv nets
     seed: int = 0  # seeds Python, NumPy and torch (and the data order)
     deterministic: bool = True  # deterministic kernels (bit-reproducible on CPU)
+    allow_inexact_resume: bool = False  # resume a checkpoint of other threads/device/torch under deterministic=true
     probe_batch_size: int = 64  # size of the fixed, seeded probe batch for activation signals
     max_steps_per_epoch: int | None = None  # cap the steps per epoch (quick runs, benchmarks)
     eval_every: int = 1  # evaluate every N epochs (the last epoch is always evaluated)
@@ -305,31 +307,86 @@ def _parse_dotlist_item(item: str) -> DictConfig:
                           f"dotted key, e.g. trainer.epochs=3") from None
 
 
+#: Numeric ranges, one row per key: ``(low, high, closed_low, closed_high)``; every value must be a finite
+#: number inside (``None`` passes: the key is nullable). Checked by :func:`check_ranges` for every config.
+RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    "trainer.epochs": (0, math.inf, False, False),
+    "data.batch_size": (0, math.inf, False, False),
+    "data.eval_batch_size": (0, math.inf, False, False),
+    "trainer.probe_batch_size": (0, math.inf, False, False),
+    "trainer.check_finite_every": (0, math.inf, False, False),
+    "trainer.max_steps_per_epoch": (0, math.inf, False, False),
+    "trainer.eval_every": (0, math.inf, True, False),
+    "trainer.checkpoint_every": (0, math.inf, True, False),  # 0: no checkpoints during training
+    "optim.lr": (0, math.inf, False, False),  # nan and inf are refused: they train nothing
+    "optim.weight_decay": (0, math.inf, True, False),
+    "data.val_fraction": (0, 1, False, False),
+    "data.train_subset": (1, math.inf, True, False),  # at least one sample; at most the training set (data.py)
+    "data.synthetic_samples": (1, math.inf, True, False),  # and enough for the split: check_synthetic_split
+    "data.synthetic_classes": (2, math.inf, True, False),
+    "data.synthetic_size": (1, math.inf, True, False),
+    "data.synthetic_channels": (1, math.inf, True, False),
+    "sparsity.sparsity": (0, 1, True, False),
+    "sparsity.mask_every": (0, math.inf, True, False),  # 0: a fixed mask
+    "sparsity.update_fraction": (0, 1, True, True),
+    "sparsity.update_until": (0, 1, True, True),
+    "data.sieve.ratio": (0, 1, False, True),
+    "data.sieve.period": (1, math.inf, True, False),
+    "data.sieve.swap": (0, 1, False, True),
+}
+
+
+def range_text(low: float, high: float, closed_low: bool, closed_high: bool) -> str:
+    if (low, high, closed_low) == (0, math.inf, False):
+        return "positive"
+    if high == math.inf:
+        return f"{'>=' if closed_low else '>'} {low:g}"
+    return f"in {'[' if closed_low else '('}{low:g}, {high:g}{']' if closed_high else ')'}"
+
+
+def check_ranges(cfg: DictConfig, table: dict[str, tuple[float, float, bool, bool]] | None = None) -> None:
+    """Raise :class:`ConfigError` for the first key of ``table`` (default :data:`RANGES`) out of its range."""
+    for key, (low, high, closed_low, closed_high) in (RANGES if table is None else table).items():
+        value = OmegaConf.select(cfg, key)
+        if value is None:
+            continue
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and \
+            (low <= value if closed_low else low < value) and (value <= high if closed_high else value < high)
+        if not ok:
+            what = range_text(low, high, closed_low, closed_high)
+            raise ConfigError(f"{key} must be {'a finite number ' if what != 'positive' else ''}{what}"
+                              f"{' (a finite number)' if what == 'positive' else ''}, got {value}")
+
+
+def check_synthetic_split(data: Any) -> None:
+    """The stratified train/validation split of ``data.name=synthetic`` needs every class on both sides."""
+    if data.name != "synthetic":
+        return
+    n, k = int(data.synthetic_samples), int(data.synthetic_classes)
+
+    def fits(m: int) -> bool:  # scikit-learn's train_test_split puts ceil(val_fraction * m) in validation
+        m_val = math.ceil(data.val_fraction * m)
+        return m_val >= k and m - m_val >= k
+
+    if not fits(n):
+        need = next(m for m in range(2 * k, 2 * k + 10**6) if fits(m))
+        raise ConfigError(f"data.synthetic_samples={n} is too few for {k} classes with data.val_fraction="
+                          f"{data.val_fraction}: both the training and the validation split need every class "
+                          f"(at least {need} samples)")
+
+
 def validate(cfg: DictConfig) -> None:
     """Checks OmegaConf cannot express: choices and ranges."""
     for key, choices in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in choices:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}.{did_you_mean(str(value), choices)}")
-    positive = ["trainer.epochs", "data.batch_size", "data.eval_batch_size", "trainer.probe_batch_size",
-                "trainer.check_finite_every"]
-    for key in positive:
-        if OmegaConf.select(cfg, key) <= 0:
-            raise ConfigError(f"{key} must be positive, got {OmegaConf.select(cfg, key)}")
-    if cfg.optim.lr <= 0:
-        raise ConfigError(f"optim.lr must be positive, got {cfg.optim.lr}")
-    if not 0.0 < cfg.data.val_fraction < 1.0:
-        raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
+    check_ranges(cfg)
+    check_synthetic_split(cfg.data)
     if cfg.data.image_size is not None and cfg.data.image_size < 1:
         raise ConfigError(f"data.image_size must be a positive number of pixels or null, got {cfg.data.image_size}")
     if cfg.data.classes is not None and (len(cfg.data.classes) < 2 or len(set(cfg.data.classes)) != len(cfg.data.classes)):
         raise ConfigError(f"data.classes must name at least two distinct classes, got {list(cfg.data.classes)}")
-    if cfg.trainer.max_steps_per_epoch is not None and cfg.trainer.max_steps_per_epoch <= 0:
-        raise ConfigError("trainer.max_steps_per_epoch must be positive or null")
-    if cfg.trainer.eval_every < 0:
-        raise ConfigError("trainer.eval_every must be >= 0")
-    if cfg.trainer.checkpoint_every < 0:
-        raise ConfigError("trainer.checkpoint_every must be >= 0 (0: no checkpoints during training)")
     if cfg.resume is not None and not str(cfg.resume).strip():
         raise ConfigError("resume must be a checkpoint path or auto")
     dev = cfg.trainer.device
@@ -337,22 +394,6 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.device={dev!r}: use auto, cpu, cuda or cuda:N")
     if len(cfg.optim.betas) != 2:
         raise ConfigError("optim.betas must have two values")
-    sp = cfg.sparsity
-    if not 0.0 <= sp.sparsity < 1.0:
-        raise ConfigError(f"sparsity.sparsity must be in [0, 1), got {sp.sparsity}")
-    if sp.mask_every < 0:
-        raise ConfigError(f"sparsity.mask_every must be >= 0 steps (0: fixed mask), got {sp.mask_every}")
-    if not 0.0 <= sp.update_fraction <= 1.0:
-        raise ConfigError(f"sparsity.update_fraction must be in [0, 1], got {sp.update_fraction}")
-    if not 0.0 <= sp.update_until <= 1.0:
-        raise ConfigError(f"sparsity.update_until must be in [0, 1], got {sp.update_until}")
-    sv = cfg.data.sieve
-    if not 0.0 < sv.ratio <= 1.0:
-        raise ConfigError(f"data.sieve.ratio must be in (0, 1], got {sv.ratio}")
-    if sv.period < 1:
-        raise ConfigError(f"data.sieve.period must be >= 1 epoch, got {sv.period}")
-    if not 0.0 < sv.swap <= 1.0:
-        raise ConfigError(f"data.sieve.swap must be in (0, 1], got {sv.swap}")
     cls = _policy_class(cfg.policy.name)
     check = getattr(cls, "validate_config", None)
     if check is not None:

@@ -281,7 +281,11 @@ def collect(
 
 def load_dataset(path: str | os.PathLike) -> dict[str, Any]:
     """Read one dataset file (``weights_only``) and check its keys and version."""
-    data = torch.load(path, map_location="cpu", weights_only=True)
+    from freezebench.errors import ConfigError
+    from freezebench.fileio import read_torch
+
+    data = read_torch(path, what="SmartFRZ predictor dataset", error=ConfigError,  # CRC32-checked
+                      fix="the file is corrupt or truncated: collect it again (freezebench predictor collect)")
     if not isinstance(data, dict) or "format_version" not in data:
         raise ValueError(f"{path}: not a SmartFRZ predictor dataset")
     if data["format_version"] != FORMAT_VERSION:

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from freezebench.fileio import atomic_torch_save
+from freezebench.fileio import atomic_torch_save, read_torch
 
 from freezebench.errors import ConfigError
 
@@ -140,13 +140,8 @@ def read_weights_file(path: str | os.PathLike) -> dict[str, Any]:
             f"SmartFRZ predictor weights {str(path)!r} do not exist (or are not a file); pass a file written by "
             f"freezebench.predictors.weights.save_predictor, e.g. policy.weights=path/to/predictor.pt"
         )
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ConfigError(
-            f"SmartFRZ predictor weights {str(path)!r} cannot be read ({type(e).__name__}: {e}); the file is "
-            f"corrupt or not a predictor file: write it again with save_predictor"
-        ) from e
+    payload = read_torch(path, what="SmartFRZ predictor weights", error=ConfigError,  # CRC32-checked
+                         fix="the file is corrupt or not a predictor file: write it again with save_predictor")
     if not isinstance(payload, Mapping) or "state_dict" not in payload or "meta" not in payload:
         have = sorted(payload) if isinstance(payload, Mapping) else type(payload).__name__
         raise ConfigError(

@@ -13,6 +13,12 @@ Mechanics (ARCHITECTURE.md, "Sweeps"):
   ``heartbeat_s``. A RUNNING trial whose heartbeat is older than ``grace_s`` belongs to a dead worker: any
   worker (or a re-run) fails it atomically and enqueues a copy, which then runs once. The mechanism is ours,
   not Optuna's RDB heartbeat, so it also works for the journal storage.
+* **No orphans.** A trial's child MLflow run is created (and stored on the trial as ``mlflow_run_id``,
+  with its checkpoint path as ``checkpoint``) before training starts, so a killed worker's trial still
+  points at its run. When a worker is declared lost, its child run is marked KILLED with the reason
+  (tag ``error``), and the re-queued trial *resumes the lost trial's checkpoint* (``resume_from``) into a
+  new child run (tag ``retry_of_run``): the metrics the checkpoint covers are logged there once, and the
+  training continues bit for bit instead of starting over (``freezebench.trainer.reliability``).
 * **Tracking.** One parent MLflow run per study (created with ``MlflowClient``, never the fluent active
   run, so each trial's own fluent run cannot collide with it); each trial's run is its child through
   ``tracking.parent_run_id``, in the parent's experiment, and its id is stored on the trial
@@ -33,7 +39,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from freezebench import progress
+from freezebench import faults, progress
 from freezebench.errors import FreezebenchError
 from freezebench import metrics as M
 
@@ -263,16 +269,28 @@ class Heartbeat:
         self._thread.join(timeout=5)
 
 
-def _retry(study: Any, trial: Any, reason: str) -> None:
-    """Re-queue a trial whose worker was lost: same params and grid index, a pointer to the lost trial."""
+def _retry_attrs(trial: Any) -> dict[str, Any]:
+    """The user attributes of a re-queued copy of ``trial``: its grid entry, a pointer to it, and the
+    checkpoint and MLflow run it left (the copy resumes that checkpoint)."""
     attrs = {k: v for k, v in trial.user_attrs.items() if k in ("grid_index", "point_index", "seed")}
     attrs["retry_of"] = trial.number
+    if trial.user_attrs.get("checkpoint"):
+        attrs["resume_from"] = trial.user_attrs["checkpoint"]
+    if trial.user_attrs.get("mlflow_run_id"):
+        attrs["retry_of_run"] = trial.user_attrs["mlflow_run_id"]
+    return attrs
+
+
+def _retry(study: Any, trial: Any, reason: str) -> None:
+    """Re-queue a trial whose worker was lost: same params and grid index, a pointer to the lost trial."""
+    attrs = _retry_attrs(trial)
     study.enqueue_trial(dict(trial.params) or dict(trial.system_attrs.get("fixed_params", {})), user_attrs=attrs)
     log.warning("trial %d: %s; re-queued", trial.number, reason)
 
 
-def fail_stale(study: Any, grace_s: float) -> list[int]:
-    """Fail RUNNING trials with no heartbeat for ``grace_s`` seconds and re-queue each one (exactly once)."""
+def fail_stale(study: Any, grace_s: float, on_lost: Any = None) -> list[int]:
+    """Fail RUNNING trials with no heartbeat for ``grace_s`` seconds and re-queue each one (exactly once);
+    ``on_lost(trial, reason)`` is called for each (the runner marks the trial's MLflow run KILLED)."""
     import optuna
     from optuna.trial import TrialState
 
@@ -292,6 +310,8 @@ def fail_stale(study: Any, grace_s: float) -> list[int]:
                 continue
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another worker failed it first and re-queued it
+        if on_lost is not None:
+            on_lost(storage.get_trial(t._trial_id), reason)
         _retry(study, t, reason)
         lost.append(t.number)
     return lost
@@ -372,6 +392,57 @@ def _failed_child_run(cfg: Any, parent: str, run_name: str, tags: dict[str, str]
         return None
 
 
+def kill_child_run(uri: str, trial: Any, reason: str) -> None:
+    """Mark the MLflow run of a lost trial KILLED, with the reason as its ``error`` tag (if still RUNNING)."""
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    if not run_id:
+        return
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(uri)
+        if client.get_run(run_id).info.status != "RUNNING":
+            return
+        client.set_tag(run_id, "error", f"trial {trial.number}: {reason}"[:400])
+        client.set_terminated(run_id, "KILLED")
+    except Exception as e:  # tracking trouble must not stop the take-over
+        log.warning("could not mark the MLflow run %s of lost trial %d KILLED: %s", run_id, trial.number, e)
+
+
+def _start_child_run(cfg: Any, parent: str, trial: Any, tags: dict[str, str], resume_from: str | None) -> str:
+    """Create the trial's child run now and point the config at it, so the trial links to its run (and its
+    checkpoint) before any training: a worker killed mid-trial leaves no run that nothing points at."""
+    from pathlib import Path
+
+    from mlflow.tracking import MlflowClient
+
+    from freezebench.trainer.tracking import resolve_uri
+
+    client = MlflowClient(resolve_uri(cfg.tracking.uri))
+    exp_id = client.get_run(parent).info.experiment_id
+    extra = {"retry_of_run": str(trial.user_attrs["retry_of_run"])} if trial.user_attrs.get("retry_of_run") else {}
+    run_id = client.create_run(exp_id, run_name=f"trial-{trial.number}",
+                               tags={**tags, **extra, "mlflow.parentRunId": parent}).info.run_id
+    cfg.tracking.run_id = run_id  # the trainer attaches to it
+    checkpoint = resume_from or str(Path(cfg.trainer.output_dir).absolute() / run_id / "last.pt")
+    _attrs(trial, {"mlflow_run_id": run_id, "checkpoint": checkpoint})
+    return run_id
+
+
+def _close_run(cfg: Any, run_id: str, reason: str) -> None:
+    """Mark a created child run FAILED with ``reason`` (the trial failed before its trainer started it)."""
+    try:
+        from mlflow.tracking import MlflowClient
+
+        from freezebench.trainer.tracking import resolve_uri
+
+        client = MlflowClient(resolve_uri(cfg.tracking.uri))
+        client.set_tag(run_id, "error", reason[:400])
+        client.set_terminated(run_id, "FAILED")
+    except Exception as e:  # tracking trouble must not hide the trial's own failure
+        log.warning("could not record the failed trial in MLflow: %s", e)
+
+
 def run_trial(study: Any, trial_id: int, space: Space, parent: str | None, *, heartbeat_s: float,
               seed: int | None = None, study_name: str = "", echo: Any = print) -> Any:
     """Run one trial in this process: build the config, fit, tell. Returns the FrozenTrial."""
@@ -391,6 +462,11 @@ def run_trial(study: Any, trial_id: int, space: Space, parent: str | None, *, he
     progress.describe(f"trial {trial.number} [{_point_text(point)} seed={seed}]")
     tags = {"sweep": space.name, "study": study_name, "trial": str(trial.number), "kind": "sweep-trial"}
     extra = space.trial_overrides(point) + [f"trainer.seed={seed}"]
+    resume_from = frozen.user_attrs.get("resume_from")
+    if resume_from and not os.path.isfile(resume_from):
+        resume_from = None  # the lost trial died before its first checkpoint: start over
+    if resume_from:
+        extra.append(f"resume={resume_from}")
     trainer = None
     cfg = None
     with Heartbeat(study._storage, trial_id, heartbeat_s):
@@ -400,14 +476,26 @@ def run_trial(study: Any, trial_id: int, space: Space, parent: str | None, *, he
                 cfg.tracking.run_name = child_run_name(cfg, point)
             if parent is not None and cfg.tracking.enabled:
                 _nest(cfg, parent, tags)
+                _start_child_run(cfg, parent, trial, tags, resume_from)
+            if resume_from:
+                echo(f"trial {trial.number}: resuming the lost trial {frozen.user_attrs.get('retry_of')}'s "
+                     f"checkpoint {resume_from}")
             trainer = Trainer(cfg)
-            result = trainer.fit()
+            faults.set_in_trial(True)  # arms the mid_trial fault point (tests only)
+            try:
+                result = trainer.fit()
+            finally:
+                faults.set_in_trial(False)
         except KeyboardInterrupt:
             _tell_interrupted(study, trial, frozen)
             raise
         except Exception as e:
             reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:1000]
             run_id = trainer.tracker.run_id if trainer is not None else None
+            created = cfg.tracking.run_id if cfg is not None and parent is not None else None
+            if run_id is None and created:  # the child run exists, but the trainer never started it
+                _close_run(cfg, created, reason)
+                run_id = created
             if run_id is None and parent is not None and cfg is not None and cfg.tracking.enabled:
                 run_id = _failed_child_run(cfg, parent, f"trial-{trial.number}", tags, reason)
             _attrs(trial, {"fail_reason": reason, "raised": True, "mlflow_run_id": run_id})
@@ -581,14 +669,25 @@ def _complete(study: Any, space: Space) -> bool:
     return len(finished) >= (space.n_trials or 0) and not busy
 
 
+def _on_lost(space: Space, parent: str | None) -> Any:
+    """What to do with a lost trial's MLflow run: mark it KILLED (nothing when the sweep is untracked)."""
+    if parent is None:
+        return None
+    from freezebench.trainer.tracking import resolve_uri
+
+    uri = resolve_uri(_base_cfg(space).tracking.uri)
+    return lambda trial, reason: kill_child_run(uri, trial, reason)
+
+
 def _grid_loop(st: Any, space: Space, parent: str | None, study_name: str, heartbeat_s: float, grace_s: float,
                poll_s: float, retry_failed: bool, max_trials: int | None, ran: list[int], echo: Any) -> None:
     if retry_failed:
         p = grid_progress(st, retry_failed=True)
         _requeue(st, p.missing, "retry_failed")
     waited = False
+    on_lost = _on_lost(space, parent)
     while True:
-        fail_stale(st, grace_s)
+        fail_stale(st, grace_s, on_lost)
         if max_trials is not None and len(ran) >= max_trials:
             return
         tid = _pop_waiting(st)
@@ -625,8 +724,7 @@ def _requeue(st: Any, grid_indices: list[int], why: str) -> None:
         t = latest.get(gi)
         if t is None:  # never enqueued: rebuild from the space
             continue
-        attrs = {k: v for k, v in t.user_attrs.items() if k in ("grid_index", "point_index", "seed")}
-        attrs["retry_of"] = t.number
+        attrs = _retry_attrs(t)
         st.enqueue_trial(dict(t.params) or dict(t.system_attrs.get("fixed_params", {})), user_attrs=attrs)
     log.info("re-queued %d grid entries (%s)", len(grid_indices), why)
 
@@ -637,8 +735,9 @@ def _tpe_loop(st: Any, space: Space, parent: str | None, study_name: str, heartb
 
     seed = space.seeds[0]
     waited = False
+    on_lost = _on_lost(space, parent)
     while True:
-        fail_stale(st, grace_s)
+        fail_stale(st, grace_s, on_lost)
         if max_trials is not None and len(ran) >= max_trials:
             return
         tid = _pop_waiting(st)

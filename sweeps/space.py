@@ -291,7 +291,9 @@ def load_space(name_or_path: str | Space) -> Space:
 
     path = _find(str(name_or_path))
     try:
-        data = yaml.safe_load(path.read_text())
+        from freezebench.fileio import read_text_file
+
+        data = yaml.safe_load(read_text_file(path, what="space file", error=SweepError))
     except yaml.YAMLError as e:
         raise SweepError(f"space file {path}: not valid YAML ({str(e).splitlines()[0]})") from None
     return parse_space(data, path.stem, str(path))

@@ -85,7 +85,9 @@ def load_suite(name_or_path: str) -> Suite:
         raise SweepError(f"unknown suite {name_or_path!r}.{did_you_mean(name_or_path, known)} "
                          f"Suites: {', '.join(known) or '(none)'}; or give the path of a YAML file")
     try:
-        data = yaml.safe_load(path.read_text())
+        from freezebench.fileio import read_text_file
+
+        data = yaml.safe_load(read_text_file(path, what="suite file", error=SweepError))
     except yaml.YAMLError as e:
         raise SweepError(f"suite file {path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):

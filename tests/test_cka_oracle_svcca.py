@@ -140,7 +140,7 @@ def test_reference_is_required_and_must_be_a_freezebench_checkpoint(tmp_path):
         CKAOracle.validate_config(CKAOracleConfig(reference=str(tmp_path / "nope.pt")))
     bad = tmp_path / "bad.pt"
     bad.write_text("not a checkpoint")
-    with pytest.raises(ConfigError, match="cannot be read as a checkpoint"):
+    with pytest.raises(ConfigError, match="policy.reference checkpoint .* cannot be read"):
         read_reference(str(bad))
     raw = tmp_path / "raw.pt"
     torch.save({"weight": torch.zeros(2)}, raw)

@@ -137,7 +137,7 @@ def test_failing_disk_write_keeps_the_last_good_checkpoint(tiny_overrides, tmp_p
 
     def save_then_fail(obj, f, *args, **kwargs):
         calls.append(1)
-        if len(calls) == 1:
+        if len(calls) <= 2:  # the checkpoints before the first step and after epoch 1
             return real_save(obj, f, *args, **kwargs)
         f.write(b"half a checkpoint")
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -25,7 +25,13 @@ the last good one). It holds everything a resumed run needs to continue *exactly
 
 ``resume=auto`` picks, among ``<trainer.output_dir>/*/last.pt``, the newest checkpoint of an unfinished run
 whose config matches this one, and starts a fresh run when there is none (so a job script can always pass
-it). A finished run's checkpoint is marked ``finished`` and never resumed.
+it). A finished run's checkpoint is marked ``finished`` and never trained from again; if the run was killed
+after it but before its end was logged, resume closes the run instead (``reliability.py``).
+
+Every file read is integrity-checked (each zip member's CRC32, :func:`freezebench.fileio.read_torch`),
+and the checkpoint records the thread count, device type and torch version it was written with: a resume
+under others says that bit-exactness is lost, and under ``trainer.deterministic=true`` refuses unless
+``trainer.allow_inexact_resume=true`` (:func:`check_exactness`).
 
 Composer's layer freezing cannot resume from a checkpoint (its freezing state is not saved); here every
 policy's state round-trips (``tests/test_contract.py``).
@@ -43,8 +49,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import faults
 from ..errors import CheckpointError
-from ..fileio import atomic_torch_save, read_pt
+from ..fileio import atomic_torch_save, read_torch
+from .reliability import is_closed
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +65,7 @@ IGNORED_KEYS = frozenset({
     "resume", "trainer.progress", "trainer.checkpoint_every", "trainer.output_dir", "trainer.save_checkpoint",
     "trainer.check_finite_every", "trainer.device", "data.num_workers", "data.root", "data.download",
     "data.eval_batch_size", "trainer.compile", "trainer.compile_backend", "trainer.compile_mode",
+    "trainer.allow_inexact_resume",
 })
 IGNORED_PREFIXES = ("tracking.",)
 
@@ -121,8 +130,10 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 # --- files -------------------------------------------------------------------------------------------------
 def write(payload: dict[str, Any], path: str | Path) -> Path:
     """Write ``payload`` atomically; a failed write raises :class:`CheckpointError` and leaves the previous file."""
+    epoch = int(payload.get("position", {}).get("epoch", 0)) if isinstance(payload, Mapping) else 0
     try:
-        return atomic_torch_save(payload, path)
+        return atomic_torch_save(payload, path, before_replace=(
+            (lambda: faults.at("mid_checkpoint_write", epoch)) if faults.ARMED else None))
     except OSError as e:
         raise CheckpointError(
             f"could not write checkpoint {path}: {e}; the previous checkpoint there (if any) is intact. Free disk "
@@ -131,19 +142,17 @@ def write(payload: dict[str, Any], path: str | Path) -> Path:
 
 
 def read(path: str | Path, *, lazy: bool = False) -> dict[str, Any]:
-    """Load and check a freezebench training checkpoint (``lazy``: memory-map tensors, for a quick look)."""
+    """Load and check a freezebench training checkpoint (``lazy``: memory-map tensors, for a quick look).
+
+    Every member's CRC32 is verified first (:func:`freezebench.fileio.read_torch`): a flipped byte in a
+    weight is refused, not resumed from."""
     p = Path(path)
-    try:
-        payload = read_pt(p, mmap=lazy)
-    except FileNotFoundError:
+    if not p.is_file():
         raise CheckpointError(f"checkpoint {str(p)!r} does not exist (or is not a file); resume=auto finds the "
-                              f"latest checkpoint of this config under trainer.output_dir") from None
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(
-            f"checkpoint {str(p)!r} cannot be read ({type(e).__name__}: {first[:200]}); the file is corrupt or "
-            f"truncated (an interrupted copy?): resume from another checkpoint or start afresh"
-        ) from None
+                              f"latest checkpoint of this config under trainer.output_dir")
+    payload = read_torch(p, what="checkpoint", error=CheckpointError, mmap=lazy,
+                         fix="the file is corrupt or truncated (an interrupted copy?): resume from another "
+                             "checkpoint or start afresh")
     if not isinstance(payload, Mapping) or payload.get("format") != FORMAT:
         what = "final weights only (final.pt)" if isinstance(payload, Mapping) and "model_state" in payload else \
             "not a freezebench training checkpoint"
@@ -183,7 +192,7 @@ def check_compatible(payload: Mapping[str, Any], path: str | Path, *, fingerprin
         raise CheckpointError(f"checkpoint {str(path)!r} was written by {saved_world} process(es), this run has "
                               f"{world_size}: each process's data shard and random state differ, so resume with "
                               f"--nproc_per_node {saved_world}")
-    if payload.get("finished"):
+    if payload.get("finished") and is_closed(Path(path).parent):
         raise CheckpointError(f"checkpoint {str(path)!r} is the end of a finished run "
                               f"({payload['position']['epoch']} epochs): there is nothing left to resume")
 
@@ -200,8 +209,8 @@ def find_latest(output_dir: str | Path, fingerprint: Mapping[str, str]) -> Path 
         except CheckpointError as e:
             log.warning("resume=auto skips %s: %s", p, e)
             continue
-        if payload.get("finished") or config_differences(payload["config"], fingerprint):
-            continue
+        if (payload.get("finished") and is_closed(p.parent)) or config_differences(payload["config"], fingerprint):
+            continue  # a finished run whose end was not logged (no `closed` marker) is picked: resume closes it
         found.append((p.stat().st_mtime, int(payload["position"]["step"]), str(p)))
     return Path(max(found)[2]) if found else None
 
@@ -220,10 +229,11 @@ def resolve(resume: str | None, output_dir: str | Path, fingerprint: Mapping[str
 
 def build_payload(state: Mapping[str, Any], model: Mapping[str, Any], cfg: Any, *, rng: list[dict[str, Any]],
                   epoch_acc: list[dict[str, Any]] | None, world_size: int, mlflow: Mapping[str, Any],
-                  finished: bool = False) -> dict[str, Any]:
+                  finished: bool = False, device: Any = "cpu") -> dict[str, Any]:
     """The file's payload: ``state`` (:meth:`freezebench.trainer.Trainer.state_dict`), ``model`` (the weights
     and the model's description, so ``model.checkpoint=last.pt`` works too), the config, every rank's random
-    states ``rng`` and partial epoch sums ``epoch_acc`` (``None``: between epochs), the MLflow run.
+    states ``rng`` and partial epoch sums ``epoch_acc`` (``None``: between epochs), the MLflow run, and what
+    bit-exactness depends on (:func:`exactness_record` of ``device``).
     """
     from ..config import flatten, to_yaml
 
@@ -240,8 +250,41 @@ def build_payload(state: Mapping[str, Any], model: Mapping[str, Any], cfg: Any, 
         "epoch_acc": epoch_acc,
         "rng": rng,
         "mlflow": dict(mlflow),
+        "exactness": exactness_record(device),
     })
     return payload
+
+
+# --- exactness ---------------------------------------------------------------------------------------------
+def exactness_record(device: Any) -> dict[str, Any]:
+    """What bit-exact continuation depends on beyond the state: intra-op threads (CPU reductions split
+    differently with another thread count), the device type and the torch version (kernels change)."""
+    return {"threads": int(torch.get_num_threads()), "device": torch.device(device).type,
+            "torch": str(torch.__version__)}
+
+
+def check_exactness(payload: Mapping[str, Any], path: str | Path, device: Any, *, deterministic: bool,
+                    allow: bool) -> str | None:
+    """Compare the checkpoint's :func:`exactness_record` with this process's.
+
+    Returns ``None`` when they match (the resumed run continues bit for bit), else one line saying why
+    bit-exactness is lost. Under ``trainer.deterministic=true`` a mismatch raises :class:`CheckpointError`
+    unless ``trainer.allow_inexact_resume=true`` (then the line is only printed). A checkpoint written
+    before this record existed is reported as unknown exactness.
+    """
+    saved, now = payload.get("exactness"), exactness_record(device)
+    if saved is None:
+        diffs = ["the checkpoint does not record its threads, device and torch version"]
+    else:
+        diffs = [f"{k} {saved.get(k)!r} in the checkpoint, {v!r} now" for k, v in now.items() if saved.get(k) != v]
+    if not diffs:
+        return None
+    line = (f"resuming {str(path)!r} is not bit-exact: {'; '.join(diffs)} (use the same threads "
+            f"(OMP_NUM_THREADS / torch.set_num_threads), device and torch version to continue exactly)")
+    if deterministic and not allow:
+        raise CheckpointError(f"{line}; trainer.deterministic=true refuses this: pass "
+                              f"trainer.allow_inexact_resume=true to resume anyway")
+    return line
 
 
 def hook_states(hooks: list[Any]) -> dict[str, Any]:

@@ -25,6 +25,9 @@ A hook sees five events and may keep state:
   dict logged for that epoch, every hook's :meth:`Hook.epoch_metrics` included; read it, do not change it);
 * ``on_fit_end(trainer, result, error)``: once, in reverse hook order, also when the fit raised (``result``
   is then ``None`` and ``error`` the exception, re-raised after every hook ran);
+* ``on_checkpoint(trainer, epoch, finished)``: after every ``last.pt`` write (``epoch`` epochs complete,
+  ``finished`` for the run's final state); the tracking hook logs an epoch's metrics only here, once a
+  checkpoint covers them (exactly once across crashes, :mod:`freezebench.trainer.reliability`);
 * ``epoch_metrics()``: this epoch's metrics of the hook, merged into the epoch's metric dict (logged to
   MLflow, kept in ``RunResult.history``);
 * ``state_dict()`` / ``load_state_dict(state)``: a hook whose ``state_dict()`` returns a dict is stored in the
@@ -78,6 +81,9 @@ class Hook:
 
     def on_fit_end(self, trainer: Trainer, result: RunResult | None, error: BaseException | None) -> None:
         """Once, in reverse hook order, also after an error (then ``result`` is None)."""
+
+    def on_checkpoint(self, trainer: Trainer, epoch: int, finished: bool) -> None:
+        """After ``last.pt`` was written (``epoch`` epochs complete; ``finished``: the run's final state)."""
 
     def epoch_metrics(self) -> dict[str, float]:
         """This hook's metrics of the epoch that just ended (merged into the epoch's metrics)."""
@@ -204,17 +210,32 @@ class TrackingHook(Hook):
     """The run record: the MLflow run starts with the fit, every epoch's metrics are logged, the end logs the
     freeze events, timeline, summary and end metrics and writes ``final.pt`` (``trainer.save_checkpoint``).
 
-    The run is marked KILLED (interrupted) or FAILED (anything else raised) with an ``error`` tag.
+    The run is marked KILLED (interrupted) or FAILED (anything else raised) with an ``error`` tag; a resumed
+    run that finishes loses the stale ``error`` tag. With checkpoints on, an epoch's metrics wait for the
+    checkpoint that covers them (:meth:`on_checkpoint`): MLflow never holds a step that a resume would train
+    and log again (:mod:`freezebench.trainer.reliability`).
     """
 
     name = "tracking"
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[int, dict[str, float]]] = []  # (step, metrics) not covered by a checkpoint yet
 
     def on_fit_start(self, trainer: Trainer) -> None:
         trainer.tracker.start(trainer.run_name, self.tags(trainer))
         self.log_start(trainer)
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None:
-        trainer.tracker.log_metrics(metrics, step=epoch + 1)
+        if trainer.cfg.trainer.checkpoint_every:
+            self.pending.append((epoch + 1, dict(metrics)))
+        else:  # no checkpoints, no resume: nothing to wait for
+            trainer.tracker.log_metrics(metrics, step=epoch + 1)
+
+    def on_checkpoint(self, trainer: Trainer, epoch: int, finished: bool) -> None:
+        for step, metrics in self.pending:
+            if step <= epoch:
+                trainer.tracker.log_metrics(metrics, step=step)
+        self.pending = [(s, m) for s, m in self.pending if s > epoch]
 
     def on_fit_end(self, trainer: Trainer, result: RunResult | None, error: BaseException | None) -> None:
         tracker = trainer.tracker
@@ -222,6 +243,8 @@ class TrackingHook(Hook):
             try:
                 if trainer.rank == 0:
                     self.log_end(trainer, result)
+                    if trainer.resumed_from is not None:
+                        tracker.delete_tags(["error"])  # the interrupted attempt's error is history now
             except BaseException as e:
                 error = e
                 raise
@@ -267,7 +290,8 @@ class TrackingHook(Hook):
                                  "units.gflops_per_sample_full": tr.cost.full_step_flops / 1e9})
         tr.tracker.log_text(to_yaml(tr.cfg), "config.yaml")
         tr.tracker.log_text(tr.partition.table(), "units.txt")
-        if tr.resumed_from is not None and not tr.resumed_from["run_id"]:  # tracked only from this resume on
+        if tr.resumed_from is not None:  # what the checkpoint covers and the run lacks (reliability.py)
+            tr.tracker.skip_held_metrics()
             for i, m in enumerate(tr.resumed_from["history"]):
                 tr.tracker.log_metrics(m, step=i + 1)
 
@@ -290,7 +314,14 @@ class TrackingHook(Hook):
             tr.tracker.log_figure(fig, "freeze_timeline.png")
         summary = {"run_id": result.run_id, "run_name": tr.run_name, "metrics": result.metrics,
                    "frozen_units": sorted(tr.freezer.frozen), "num_units": len(tr.units),
-                   "unit_names": result.unit_names}
+                   "unit_names": result.unit_names, "warnings": []}
+        from .reliability import divergence
+
+        diverged = divergence(result.metrics, tr.data.info.num_classes, tr.data.info.num_val)
+        if diverged:
+            summary["warnings"].append(diverged)
+            tr.tracker.set_tags({"diverged": "true"})
+            print(f"freezebench: warning: {diverged}", file=sys.stderr, flush=True)
         tr.tracker.log_dict(summary, "summary.json")
         if tr.cfg.trainer.save_checkpoint:
             folder = Path(tr.cfg.trainer.output_dir) / (result.run_id or tr.run_name)

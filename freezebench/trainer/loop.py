@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from .. import __version__
+from .. import __version__, faults
 from .. import metrics as M
 from ..config import flatten
 from ..cost import CostModel
@@ -54,7 +54,7 @@ from ..features import compile as compiling
 from ..features.cache import PrefixCache
 from ..features.sieve import sieve_data
 from ..features.sparsity import build_sparsity
-from ..fileio import atomic_torch_save
+from ..fileio import atomic_torch_save, check_writable_folder
 from ..messages import epoch_line, position_text
 from ..progress import phase
 from ..policy import Decision, FreezePolicy, Plan, Signal, Signals
@@ -63,6 +63,7 @@ from ..units import Partition, capture_outputs, partition
 from ..zoo.data import DataBundle, build_data
 from . import checkpoint as ckpt
 from . import distributed
+from . import reliability
 from .freezer import FreezeEvent, Freezer, param_groups
 from .hooks import CacheHook, Hook, PolicyHook, SieveHook, SparsityHook, StopSignalHook, TrackingHook, overrides
 from .identity import adopt_model
@@ -169,6 +170,8 @@ class Trainer:
         self._step_hooks = [h.after_step for h in self.hooks if overrides(h, "after_step")]
         self._epoch_hooks = [h for h in self.hooks if overrides(h, "on_epoch_end")]
         self.resumed_from: dict[str, Any] | None = self._resume()  # may set tracking.run_id
+        # resumed from a finished checkpoint whose end was never logged: fit() only closes the run
+        self._closing = self.resumed_from is not None and self.resumed_from["finished"]
         self.tracker: NullTracker = make_tracker(cfg.tracking) if self.rank == 0 else NullTracker()
 
     # --- assembly ------------------------------------------------------------------------------------
@@ -176,6 +179,8 @@ class Trainer:
         cfg, tc = self.cfg, self.cfg.trainer
         self.parallel = distributed.parallel_from_env()  # SingleProcess, or DataParallel under torchrun
         self.rank, self.world_size = self.parallel.rank, self.parallel.world_size
+        if tc.save_checkpoint or tc.checkpoint_every:  # found before training, not after it (issue 14)
+            check_writable_folder(tc.output_dir, "trainer.output_dir")
         if cfg.tracking.enabled and self.rank == 0:  # an unreachable server fails before data and model are built
             check_reachable(resolve_uri(cfg.tracking.uri))
         self.device = self.parallel.setup(resolve_device(tc.device))
@@ -474,19 +479,27 @@ class Trainer:
             if self.train_model is self.model:
                 self._wrap()
             self.step_cost = self.cost.step_flops(self.freezer.frozen)
+            if self.resumed_from is None and self.cfg.trainer.checkpoint_every:
+                # the state before the first step: a kill before the first epoch's checkpoint resumes this run
+                # (its MLflow run too) instead of leaving it RUNNING and starting another (reliability.py)
+                self.save_state()
             phase("train-start")  # FREEZEBENCH_PHASES=1: timestamps for benchmarks/bench_startup.py
             for epoch in range(self.state.epoch, self.plan.epochs):
                 self.end_epoch(epoch, self.train_epoch(epoch))
             phase("train-end")
-            result = self._result()
-            if self.cfg.trainer.checkpoint_every:
-                self.save_state(finished=True)
+            result = self._result()  # closing a finished checkpoint: no epoch left, only the end is redone
+            if self.cfg.trainer.checkpoint_every and not self._closing:
+                self.save_state(finished=True)  # the tracking hook then logs the last epoch
+                if faults.ARMED:  # test-only SIGKILL (freezebench.faults)
+                    faults.at("after_epoch_log", self.plan.epochs)
         except BaseException as e:
             error = e
             raise
         finally:
             torch.set_flush_denormal(False)
             self._end_hooks(started, result, error)
+        if self.cfg.trainer.checkpoint_every and self.rank == 0:  # the end is logged and the run closed:
+            reliability.mark_closed(self.run_dir, self.tracker.run_id)  # resume=auto leaves this run alone
         return result
 
     def _end_hooks(self, started: list[Hook], result: RunResult | None, error: BaseException | None) -> None:
@@ -547,6 +560,8 @@ class Trainer:
             out = self.forward(x, idx)
         losses = F.cross_entropy(out.float(), y, reduction="none")
         loss = losses.mean()
+        if faults.ARMED and state.batch == self.plan.steps_per_epoch // 2:  # test-only SIGKILL (faults.py)
+            faults.at("mid_step", state.epoch + 1)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -617,6 +632,8 @@ class Trainer:
                                   time.perf_counter() - self._t_start), file=sys.stderr)
         if tc.checkpoint_every and (epoch + 1) % tc.checkpoint_every == 0 and not last:
             self.save_state()
+        if faults.ARMED and not last:  # test-only SIGKILL (freezebench.faults)
+            faults.at("after_epoch_log", epoch + 1)
         return m
 
     def _result(self) -> RunResult:
@@ -732,19 +749,24 @@ class Trainer:
         payload = ckpt.read(path)
         ckpt.check_compatible(payload, path, fingerprint=fingerprint, unit_names=[u.name for u in self.units],
                               world_size=self.world_size)
+        inexact = ckpt.check_exactness(payload, path, self.device, deterministic=self.cfg.trainer.deterministic,
+                                       allow=self.cfg.trainer.allow_inexact_resume)
+        if inexact and self.rank == 0:
+            print(f"freezebench: warning: {inexact}", file=sys.stderr, flush=True)
         ckpt.restore(self, payload, path)
         self._pending_rng = payload["rng"][self.rank]
         part = payload["epoch_acc"][self.rank] if payload["epoch_acc"] else None
         if part:  # an epoch stopped at a step boundary: its partial sums (the batches it consumed: state.batch)
             self._pending_sums = EpochSums.from_checkpoint(part, self.device, self.state.policy_time)
         run_id = payload["mlflow"]["run_id"]
-        if run_id and self.cfg.tracking.enabled:
+        if run_id and self.cfg.tracking.enabled and not self.cfg.tracking.run_id:  # an explicit run id wins
             self.cfg.tracking.run_id = run_id
         pos = payload["position"]
         log.warning("resuming from %s at step %d (%s)%s", path, pos["step"],
                     position_text(pos["epoch"], pos["batch"], self.plan.epochs, self.plan.steps_per_epoch),
                     f", MLflow run {run_id}" if run_id else "")
-        return {"path": str(path), "run_id": run_id, "history": [dict(h) for h in payload["accounting"]["history"]]}
+        return {"path": str(path), "run_id": run_id, "history": [dict(h) for h in payload["accounting"]["history"]],
+                "finished": bool(payload.get("finished"))}
 
     def save_state(self, *, epoch_acc: dict[str, Any] | None = None, finished: bool = False) -> Path | None:
         """Write the training state to :attr:`run_dir`/last.pt atomically (rank 0, with every rank's random
@@ -757,7 +779,7 @@ class Trainer:
                 self.state_dict(), self.checkpoint_payload(), self.cfg, rng=[r["rng"] for r in ranks],
                 epoch_acc=None if epoch_acc is None else [r["epoch_acc"] for r in ranks],
                 world_size=self.world_size, mlflow={"run_id": self.tracker.run_id, "uri": self.tracker.uri},
-                finished=finished)
+                finished=finished, device=self.device)
             try:
                 path = ckpt.write(payload, self.run_dir / ckpt.LAST)
             except ckpt.CheckpointError as e:
@@ -768,6 +790,10 @@ class Trainer:
             raise error
         if message is not None:
             raise ckpt.CheckpointError(message)
+        if finished and faults.ARMED:  # test-only SIGKILL (freezebench.faults)
+            faults.at("after_final_checkpoint", self.plan.epochs)
+        for h in self.hooks:  # e.g. tracking logs the epochs this checkpoint covers (exactly once)
+            h.on_checkpoint(self, self.state.epoch, finished)
         return path
 
     # --- the end of a run ----------------------------------------------------------------------------

@@ -51,6 +51,8 @@ class NullTracker:
     def log_figure(self, fig: Any, path: str) -> None: ...
     def log_artifact(self, local: str, folder: str | None = None) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
+    def delete_tags(self, keys: list[str]) -> None: ...
+    def skip_held_metrics(self) -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
 
 
@@ -69,6 +71,7 @@ class MlflowTracker(NullTracker):
         self.resume_run_id = run_id
         self.run_id = None
         self._client = None
+        self._held: dict[str, set[int]] | None = None  # (key -> steps) already in the run; see skip_held_metrics
 
     def start(self, run_name: str, tags: dict[str, str]) -> None:
         mlflow = self.mlflow
@@ -110,13 +113,37 @@ class MlflowTracker(NullTracker):
         for i in range(0, len(items), 100):
             self._client.log_batch(self.run_id, params=items[i : i + 100])
 
+    def delete_tags(self, keys: list[str]) -> None:
+        held = self._client.get_run(self.run_id).data.tags
+        for k in keys:
+            if k in held:
+                self._client.delete_tag(self.run_id, k)
+
+    def skip_held_metrics(self) -> None:
+        """From now on, log no (key, step) the run already holds: a resumed run re-logs nothing.
+
+        Reads the run's metric histories once (one query per key); later calls update the set locally.
+        """
+        held: dict[str, set[int]] = {}
+        for key in self._client.get_run(self.run_id).data.metrics:
+            held[key] = {m.step for m in self._client.get_metric_history(self.run_id, key)}
+        self._held = held
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         import time
 
         from mlflow.entities import Metric
 
+        if self._held is not None:
+            metrics = {k: v for k, v in metrics.items() if step not in self._held.get(k, ())}
+            for k in metrics:
+                self._held.setdefault(k, set()).add(step)
+        if not metrics:
+            return
         ts = int(time.time() * 1000)
-        self._client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+        items = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+        for i in range(0, len(items), 1000):  # MLflow's log_batch takes at most 1000 metrics
+            self._client.log_batch(self.run_id, metrics=items[i : i + 1000])
 
     def log_text(self, text: str, path: str) -> None:
         self._client.log_text(self.run_id, text, path)
@@ -153,6 +180,7 @@ def check_reachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
     back-off), so a typo in the URI or a server that is down would otherwise hang the run before training.
     One GET of the server's ``/health`` endpoint decides: any HTTP answer (even 401/404) means reachable.
     """
+    check_sqlite_folder(uri)
     if not uri.startswith(("http://", "https://")):
         return
     import urllib.error
@@ -170,6 +198,19 @@ def check_reachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
             f"MLflow tracking server {uri} is unreachable ({reason}); start it (mlflow server --host ... --port ...), "
             f"fix tracking.uri / $MLFLOW_TRACKING_URI, or pass tracking.enabled=false to train untracked"
         ) from None
+
+
+def check_sqlite_folder(uri: str) -> None:
+    """Refuse a ``sqlite:///...`` URI whose folder does not exist (MLflow would create the whole tree)."""
+    if not uri.startswith("sqlite:///"):
+        return
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    if not path or path == ":memory:":
+        return
+    folder = Path(path).expanduser().absolute().parent
+    if not folder.is_dir():
+        raise TrackingError(f"tracking URI {uri}: the folder {str(folder)!r} of the sqlite file does not exist; "
+                            f"create it, or fix tracking.uri / $MLFLOW_TRACKING_URI")
 
 
 def make_tracker(cfg: Any) -> NullTracker:

@@ -281,6 +281,11 @@ def _tensor_bundle(name: str, x: torch.Tensor, y: torch.Tensor, xv: torch.Tensor
         (x, y), (xv, yv) = (select_classes(a, b, list(cfg.classes), num_classes, name) for a, b in ((x, y), (xv, yv)))
         num_classes = len(cfg.classes)
     if cfg.train_subset is not None:
+        if cfg.train_subset > len(x):
+            from ..errors import ConfigError
+
+            raise ConfigError(f"data.train_subset={cfg.train_subset} is more than the {len(x)} training samples of "
+                              f"{name}; pass at most {len(x)}, or null for all")
         x, y = x[: cfg.train_subset], y[: cfg.train_subset]
     size = cfg.image_size
     info = DataInfo(name, num_classes, x.shape[1], size or x.shape[-1], len(x), len(xv), augment)

@@ -475,14 +475,12 @@ def load_checkpoint(model: nn.Module, name: str, path: str, reinit_head: bool = 
 
 
 def _load_checkpoint(model: nn.Module, name: str, path: str, reinit_head: bool = False) -> None:
-    from ..fileio import read_pt
+    if not os.path.isfile(path):
+        raise FreezebenchError(f"model checkpoint {path!r} does not exist (or is not a file)")
+    from ..fileio import read_torch
 
-    try:
-        obj = read_pt(path)
-    except FileNotFoundError:
-        raise FreezebenchError(f"model checkpoint {path!r} does not exist (or is not a file)") from None
-    except Exception as e:
-        raise FreezebenchError(f"cannot read model checkpoint {path!r}: {e}") from e
+    obj = read_torch(path, what="model checkpoint", error=FreezebenchError,  # CRC32-checked
+                     fix="the file is corrupt or truncated: pass another model.checkpoint")
 
     saved_name = None
     if isinstance(obj, Mapping) and "model_state" in obj:
