@@ -23,6 +23,7 @@ from omegaconf import errors as oc_errors
 
 from .errors import ConfigError, did_you_mean
 from .policy import PolicyConfig
+from .ranges import Range, check_ranges
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -307,55 +308,39 @@ def _parse_dotlist_item(item: str) -> DictConfig:
                           f"dotted key, e.g. trainer.epochs=3") from None
 
 
-#: Numeric ranges, one row per key: ``(low, high, closed_low, closed_high)``; every value must be a finite
-#: number inside (``None`` passes: the key is nullable). Checked by :func:`check_ranges` for every config.
-RANGES: dict[str, tuple[float, float, bool, bool]] = {
-    "trainer.epochs": (0, math.inf, False, False),
-    "data.batch_size": (0, math.inf, False, False),
-    "data.eval_batch_size": (0, math.inf, False, False),
-    "trainer.probe_batch_size": (0, math.inf, False, False),
-    "trainer.check_finite_every": (0, math.inf, False, False),
-    "trainer.max_steps_per_epoch": (0, math.inf, False, False),
-    "trainer.eval_every": (0, math.inf, True, False),
-    "trainer.checkpoint_every": (0, math.inf, True, False),  # 0: no checkpoints during training
-    "optim.lr": (0, math.inf, False, False),  # nan and inf are refused: they train nothing
-    "optim.weight_decay": (0, math.inf, True, False),
-    "data.val_fraction": (0, 1, False, False),
-    "data.train_subset": (1, math.inf, True, False),  # at least one sample; at most the training set (data.py)
-    "data.synthetic_samples": (1, math.inf, True, False),  # and enough for the split: check_synthetic_split
-    "data.synthetic_classes": (2, math.inf, True, False),
-    "data.synthetic_size": (1, math.inf, True, False),
-    "data.synthetic_channels": (1, math.inf, True, False),
-    "sparsity.sparsity": (0, 1, True, False),
-    "sparsity.mask_every": (0, math.inf, True, False),  # 0: a fixed mask
-    "sparsity.update_fraction": (0, 1, True, True),
-    "sparsity.update_until": (0, 1, True, True),
-    "data.sieve.ratio": (0, 1, False, True),
-    "data.sieve.period": (1, math.inf, True, False),
-    "data.sieve.swap": (0, 1, False, True),
+#: Numeric ranges of the trainer, data and optimiser keys (one :class:`~freezebench.ranges.Range` per dotted
+#: key; ``None`` passes: the key is nullable), checked by :func:`check_config_ranges` for every config. The
+#: policies declare theirs the same way (``FreezePolicy.ranges``).
+RANGES: dict[str, Range] = {
+    "trainer.epochs": Range(0, lo_open=True),
+    "data.batch_size": Range(0, lo_open=True),
+    "data.eval_batch_size": Range(0, lo_open=True),
+    "trainer.probe_batch_size": Range(0, lo_open=True),
+    "trainer.check_finite_every": Range(0, lo_open=True),
+    "trainer.max_steps_per_epoch": Range(0, lo_open=True),
+    "trainer.eval_every": Range(0),
+    "trainer.checkpoint_every": Range(0),  # 0: no checkpoints during training
+    "optim.lr": Range(0, lo_open=True),  # nan and inf are refused: they train nothing
+    "optim.weight_decay": Range(0),
+    "data.val_fraction": Range(0, 1, lo_open=True, hi_open=True),
+    "data.train_subset": Range(1),  # at least one sample; at most the training set (data.py)
+    "data.synthetic_samples": Range(1),  # and enough for the split: check_synthetic_split
+    "data.synthetic_classes": Range(2),
+    "data.synthetic_size": Range(1),
+    "data.synthetic_channels": Range(1),
+    "sparsity.sparsity": Range(0, 1, hi_open=True),
+    "sparsity.mask_every": Range(0),  # 0: a fixed mask
+    "sparsity.update_fraction": Range(0, 1),
+    "sparsity.update_until": Range(0, 1),
+    "data.sieve.ratio": Range(0, 1, lo_open=True),
+    "data.sieve.period": Range(1),
+    "data.sieve.swap": Range(0, 1, lo_open=True),
 }
 
 
-def range_text(low: float, high: float, closed_low: bool, closed_high: bool) -> str:
-    if (low, high, closed_low) == (0, math.inf, False):
-        return "positive"
-    if high == math.inf:
-        return f"{'>=' if closed_low else '>'} {low:g}"
-    return f"in {'[' if closed_low else '('}{low:g}, {high:g}{']' if closed_high else ')'}"
-
-
-def check_ranges(cfg: DictConfig, table: dict[str, tuple[float, float, bool, bool]] | None = None) -> None:
-    """Raise :class:`ConfigError` for the first key of ``table`` (default :data:`RANGES`) out of its range."""
-    for key, (low, high, closed_low, closed_high) in (RANGES if table is None else table).items():
-        value = OmegaConf.select(cfg, key)
-        if value is None:
-            continue
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and \
-            (low <= value if closed_low else low < value) and (value <= high if closed_high else value < high)
-        if not ok:
-            what = range_text(low, high, closed_low, closed_high)
-            raise ConfigError(f"{key} must be {'a finite number ' if what != 'positive' else ''}{what}"
-                              f"{' (a finite number)' if what == 'positive' else ''}, got {value}")
+def check_config_ranges(cfg: DictConfig) -> None:
+    """Raise one :class:`ConfigError` line for the first key of :data:`RANGES` out of its range."""
+    check_ranges(cfg, RANGES, get=OmegaConf.select)
 
 
 def check_synthetic_split(data: Any) -> None:
@@ -381,7 +366,7 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in choices:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}.{did_you_mean(str(value), choices)}")
-    check_ranges(cfg)
+    check_config_ranges(cfg)
     check_synthetic_split(cfg.data)
     if cfg.data.image_size is not None and cfg.data.image_size < 1:
         raise ConfigError(f"data.image_size must be a positive number of pixels or null, got {cfg.data.image_size}")

@@ -285,7 +285,7 @@ def test_projection_dim():
 @pytest.mark.parametrize("field, value, match", [
     ("threshold", 0.0, "threshold must be in"), ("patience", 0, "patience must be >= 1"),
     ("checks_per_epoch", 0, "checks_per_epoch must be >= 1"), ("keep_variance", 1.5, "keep_variance must be in"),
-    ("points_per_dim", 0.0, "points_per_dim must be > 0"), ("max_points", 1, "max_points must be >= 2"),
+    ("points_per_dim", 0.0, "points_per_dim must be positive"), ("max_points", 1, "max_points must be >= 2"),
 ])
 def test_svcca_config_is_validated(field, value, match):
     SVCCAFreezing.validate_config(SVCCAConfig())
@@ -295,7 +295,7 @@ def test_svcca_config_is_validated(field, value, match):
 
 @pytest.mark.parametrize("field, value, match", [
     ("checks_per_epoch", 0, "checks_per_epoch must be >= 1"), ("window_epochs", 0.1, "spans no check interval"),
-    ("var_threshold", 0.0, "var_threshold must be > 0"), ("cutoff", 1.0, "cutoff must be in"),
+    ("var_threshold", 0.0, "var_threshold must be positive"), ("cutoff", 1.0, "cutoff must be in"),
 ])
 def test_cka_oracle_config_is_validated(reference, field, value, match):
     ref = str(reference[1])
