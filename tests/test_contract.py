@@ -42,6 +42,21 @@ SETTINGS: dict[str, dict] = {
 }
 
 
+#: the fast tier runs one policy per mechanism; the slow tier (the README's full run, as CI) runs all of them
+FAST_TIER = {
+    "full",  # no decision
+    "static",  # one decision before the first step
+    "freezeout_linear",  # per-unit learning-rate factors on a schedule (freezeout_cubic, pipetransformer: slow)
+    "autofreeze",  # gradient signals
+    "svcca",  # probe-batch activations
+    "cka_oracle",  # a reference model
+    "egeria",  # a background reference, unfreezing
+    "spfde",  # trainer features switched on by the policy (sparsity, sieve)
+    "smartfrz",  # weight snapshots and a predictor
+}
+TIERED = [name if name in FAST_TIER else pytest.param(name, marks=pytest.mark.slow) for name in POLICIES.names()]
+
+
 def test_every_registered_policy_has_contract_settings():
     missing = sorted(set(POLICIES.names()) - set(SETTINGS))
     assert not missing, f"add contract settings for {missing} in tests/test_contract.py"
@@ -63,7 +78,7 @@ def _norm_state(unit):
     return [b.clone() for m in unit.norm_modules for b in m.buffers()]
 
 
-@pytest.mark.parametrize("name", POLICIES.names())
+@pytest.mark.parametrize("name", TIERED)
 def test_policy_contract(name, mlflow_uri, tiny_overrides, reference_checkpoint, always_freeze_predictor):
     setting = SETTINGS[name]
     overrides = [o.replace("{reference}", reference_checkpoint).replace("{weights}", always_freeze_predictor)
@@ -137,7 +152,7 @@ def _untimed(h: dict) -> dict:
     return {k: v for k, v in h.items() if not (k.startswith(TIMING) or k.endswith("_s"))}
 
 
-@pytest.mark.parametrize("name", POLICIES.names())
+@pytest.mark.parametrize("name", TIERED)
 def test_policy_resumes_exactly(name, tiny_overrides, tmp_path, reference_checkpoint, always_freeze_predictor):
     """Stopped mid-epoch (SIGTERM's path: checkpoint at the step boundary) and resumed from last.pt, a run ends
     with the weights, metrics, freeze events and policy state of an uninterrupted run, bit for bit."""
