@@ -15,7 +15,9 @@ from freezebench.ranges import Range
 def test_range_bounds_and_messages():
     r = Range(0, 1, lo_open=True, note="(fraction of training)")
     assert [r.contains(v) for v in (0.0, 1e-9, 1.0, 1.0 + 1e-9, math.nan)] == [False, True, True, False, False]
-    assert Range(2).describe() == ">= 2" and Range(0, lo_open=True).describe() == "> 0"
+    assert Range(2).describe() == ">= 2" and Range(0, lo_open=True).describe() == "positive"
+    assert not Range(0, lo_open=True).contains(math.inf) and not Range().contains(-math.inf)  # finite only
+    assert not Range(0).contains(True)  # a flag is not a number
     assert Range(0, 1, hi_open=True).describe() == "in [0, 1)" and Range(hi=5).describe() == "<= 5"
     with pytest.raises(ConfigError) as e:
         r.check("policy.t0", 0.0)
