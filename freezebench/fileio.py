@@ -57,14 +57,11 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike, *,
-                      before_replace: Callable[[], None] | None = None) -> Path:
-    """``torch.save`` to a temporary file in the same folder, fsync, ``os.replace`` onto ``path``, fsync the
-    folder. On any failure the temporary file is removed and an existing file at ``path`` is left untouched.
-
-    ``before_replace`` is called once the temporary file is written and before it is synced and renamed
-    (the ``mid_checkpoint_write`` fault point, :mod:`freezebench.faults`).
-    """
+def _atomic_write(path: str | os.PathLike, mode: str, write: Callable[[Any], None],
+                  before_replace: Callable[[], None] | None = None) -> Path:
+    """The durable write protocol: stale temporaries of ``path`` removed, ``write(file)`` into a temporary file
+    in the same folder, fsync, ``os.replace`` onto ``path``, fsync the folder. On any failure the temporary file
+    is removed and an existing file at ``path`` is left untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
@@ -73,8 +70,8 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike, *,
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             if before_replace is not None:
                 before_replace()
@@ -88,24 +85,19 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike, *,
     return path
 
 
+def atomic_torch_save(obj: Any, path: str | os.PathLike, *,
+                      before_replace: Callable[[], None] | None = None) -> Path:
+    """``torch.save`` through the durable write protocol (:func:`_atomic_write`).
+
+    ``before_replace`` is called once the temporary file is written and before it is synced and renamed
+    (the ``mid_checkpoint_write`` fault point, :mod:`freezebench.faults`).
+    """
+    return _atomic_write(path, "wb", lambda f: torch.save(obj, f), before_replace)
+
+
 def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
     """Write a small text file durably and atomically (same protocol as :func:`atomic_torch_save`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-    return path
+    return _atomic_write(path, "w", lambda f: f.write(text))
 
 
 def verify_zip(path: str | os.PathLike) -> str | None:
