@@ -109,3 +109,13 @@ def assert_state_equal(a: Any, b: Any) -> None:
     """Assert two nested states are exactly equal (see :func:`differences`), naming the first few differences."""
     diff = differences(a, b)
     assert not diff, "; ".join(diff[:5]) + (f"; ... ({len(diff)} in all)" if len(diff) > 5 else "")
+
+
+def one_line(capsys, code: int) -> str:
+    """The one ``freezebench: error:`` line a CLI call printed (exit status 2, no traceback)."""
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("freezebench: error: ")]
+    assert len(lines) == 1, err
+    return lines[0]

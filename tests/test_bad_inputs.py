@@ -6,7 +6,7 @@ from __future__ import annotations
 import mlflow
 import pytest
 import torch
-from helpers import StopAt
+from helpers import StopAt, one_line
 
 from freezebench.cli import main
 from freezebench.config import load_config
@@ -17,15 +17,6 @@ from freezebench.trainer import checkpoint as ckpt
 
 class NotATensor:
     """A pickled class: the safe loader refuses it, and PyTorch's message would advise weights_only=False."""
-
-
-def one_line(capsys, code: int) -> str:
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = [ln for ln in err.splitlines() if ln.startswith("freezebench: error: ")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 @pytest.fixture

@@ -20,21 +20,13 @@ from freezebench.config import load_config
 from freezebench.errors import CheckpointError, TrackingError
 from freezebench.trainer import Trainer
 from helpers import StopAt
+from helpers import one_line as _one_line_error
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _one_line_error(capsys, code: int) -> str:
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = [ln for ln in err.splitlines() if ln.startswith("freezebench: error: ")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def test_unreachable_tracking_server_fails_before_training(capsys, tiny_overrides, tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import StopAt
+from helpers import StopAt, one_line
 
 from freezebench.cli import main
 from freezebench.config import load_config
@@ -35,15 +35,6 @@ def flip_tensor_byte(path: Path, key_hint: str = "") -> str:
     data[start + info.file_size // 2] ^= 0x10
     path.write_bytes(bytes(data))
     return info.filename
-
-
-def one_line(capsys, code: int) -> str:
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = [ln for ln in err.splitlines() if ln.startswith("freezebench: error: ")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def test_flipped_byte_in_tensor_data_loads_silently_with_torch_but_not_here(tmp_path):
