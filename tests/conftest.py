@@ -1,4 +1,5 @@
-"""Shared fixtures: a temporary MLflow store, tiny configs, a small sequential model."""
+"""Shared fixtures: a temporary MLflow store, tiny configs, a small sequential model; the suite's default
+worker processes (pytest-xdist)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import tempfile
 
 import pytest
 import torch
+
+from helpers import THREADS
 
 os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
@@ -20,6 +23,36 @@ try:
     settings.load_profile("freezebench")
 except ImportError:
     pass
+
+
+#: worker processes for a run of the whole suite (or a tier of it) when pytest-xdist is installed (the test
+#: extra) and no ``-n`` is given: one per core, at most 4
+WORKERS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """``python -m pytest -q`` and ``-m "not slow"`` (no paths named) run on WORKERS pytest-xdist workers,
+    ``--dist loadgroup`` (tests marked ``xdist_group`` share a worker, e.g. a module's expensive fixture).
+    Naming files or tests (the edit-test loop), ``-n 0``, ``-p no:xdist``, ``--pdb`` or ``--collect-only``
+    keep one process; ``-n N`` sets the count. Runs before xdist's own hook (a conftest registers later)."""
+    from _pytest.config import Config
+
+    opt = config.option
+    if (not config.pluginmanager.hasplugin("xdist") or getattr(opt, "numprocesses", 0) is not None
+            or config.args_source == Config.ArgsSource.ARGS or opt.usepdb or opt.collectonly
+            or getattr(opt, "tx", None) or os.environ.get("PYTEST_XDIST_WORKER") or WORKERS < 2):
+        return
+    opt.numprocesses = WORKERS
+    if opt.dist == "no":
+        opt.dist = "loadgroup"
+
+
+def pytest_collection_modifyitems(config, items):
+    """In xdist workers, the ``slow`` tests (the long ones) come first, so that the workers finish together
+    instead of one of them starting a long test at the end. One process keeps the files' order."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session")
@@ -65,7 +98,7 @@ def tiny_overrides():
 
 @pytest.fixture(autouse=True)
 def _threads():
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)  # 2, or 1 per xdist worker (tests/helpers.py)
     yield
 
 

@@ -15,6 +15,11 @@ import torch
 
 from freezebench.trainer.hooks import Hook
 
+#: torch's intra-op threads in every test (tests/conftest.py) and in the subprocesses a test compares with
+#: its own runs (a resume under another thread count is not bit-exact): 2, or 1 in each pytest-xdist worker
+#: (its subprocesses inherit PYTEST_XDIST_WORKER), so that 2 workers keep 2 cores busy without oversubscribing
+THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+
 
 class StopAt(Hook):
     """Request a stop (SIGTERM's path: checkpoint at this step boundary, then stop) after optimiser step ``step``."""

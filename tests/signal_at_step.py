@@ -15,10 +15,10 @@ import torch
 
 from freezebench import cli
 from freezebench.trainer import Trainer
-from helpers import SignalAt, with_hooks
+from helpers import THREADS, SignalAt, with_hooks
 
 if __name__ == "__main__":
     step, signame = int(sys.argv[1]), sys.argv[2]
-    torch.set_num_threads(2)  # as the in-process runs of the tests (tests/conftest.py)
+    torch.set_num_threads(THREADS)  # as the in-process runs of the tests (tests/conftest.py)
     with_hooks(Trainer, lambda: [SignalAt(step, getattr(signal, signame))])
     sys.exit(cli.main(sys.argv[3:]))

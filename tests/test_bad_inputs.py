@@ -127,6 +127,7 @@ def test_divergence_rule():
 
 def test_exactness_mismatch_is_one_line_and_refused_under_deterministic(tiny_overrides, tmp_path, capsys):
     args = [*tiny_overrides, "tracking.enabled=false", "tracking.run_name=ex", f"trainer.output_dir={tmp_path}"]
+    torch.set_num_threads(2)  # (1 in an xdist worker: tests/helpers.py THREADS)
     t = Trainer(load_config(args), hooks=[StopAt(6)])
     with pytest.raises(Exception, match="stopped at step 6"):
         t.fit()

@@ -34,7 +34,7 @@ from freezebench.errors import ConfigError
 from freezebench.policy import Signals
 from freezebench.analysis.similarity import cka_from_grams, gram_linear, linear_cka
 from freezebench.trainer import Trainer
-from helpers import assert_state_equal
+from helpers import THREADS, assert_state_equal
 
 FLAT_HIGH = [0.2, 0.5, 0.80, 0.801, 0.799]  # stable and above the cutoff: freeze
 RISING = [0.2, 0.4, 0.6, 0.7, 0.8]  # still climbing: keep training
@@ -118,7 +118,7 @@ def reference(tmp_path_factory):
     """A tiny model trained with ``full`` (the TINY run), saved as an earlier run's final.pt."""
     from conftest import TINY
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     trainer = Trainer(_config(TINY))
     trainer.fit()
     return trainer, trainer.save_checkpoint(tmp_path_factory.mktemp("ref") / "final.pt")

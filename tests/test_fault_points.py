@@ -3,7 +3,7 @@
 ``FREEZEBENCH_FAULT=POINT[:EPOCH]`` (:mod:`freezebench.faults`) SIGKILLs the process there. After
 ``resume=auto`` the run must end exactly where an uninterrupted run ends: the same final weights
 (``torch.equal``), one FINISHED MLflow run without an ``error`` tag, every metric logged once per step with
-the uninterrupted run's values, and no temporary file left. Both processes run with two threads (the
+the uninterrupted run's values, and no temporary file left. Both processes run with ``helpers.THREADS`` threads (the
 checkpoint records the thread count, and a resume under another is not bit-exact).
 """
 
@@ -22,6 +22,7 @@ import torch
 from freezebench.config import load_config
 from freezebench.trainer import Trainer
 from freezebench.trainer import checkpoint as ckpt
+from helpers import THREADS
 
 HERE = Path(__file__).resolve().parent
 ARGS = ["policy=autofreeze", "model.granularity=layer"]  # freezes mid-run: the freezer state must survive
@@ -29,7 +30,7 @@ PER_EPOCH = ("train/loss", "val/acc", "val/loss", "cost/tflops", "freeze/frozen_
 
 
 def cli(args: list[str], cwd: Path, uri: str, fault: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(HERE.parent), "MLFLOW_TRACKING_URI": uri,
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "PYTHONPATH": str(HERE.parent), "MLFLOW_TRACKING_URI": uri,
            "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"}
     env.pop("FREEZEBENCH_FAULT", None)
     env.pop("MLFLOW_RUN_ID", None)
@@ -41,10 +42,10 @@ def cli(args: list[str], cwd: Path, uri: str, fault: str | None = None) -> subpr
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """One uninterrupted run (untracked, two threads, in this process): final weights and history."""
+    """One uninterrupted run (untracked, ``THREADS`` threads, in this process): final weights and history."""
     from conftest import TINY
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     out = tmp_path_factory.mktemp("ref")
     t = Trainer(load_config([*TINY, *ARGS, "tracking.enabled=false", "trainer.checkpoint_every=0",
                              f"trainer.output_dir={out}"]))

@@ -20,6 +20,9 @@ from freezebench.predictors.collect import (
 )
 from freezebench.predictors.train import evaluate_predictor, roc_auc, train_predictor
 from freezebench.predictors.weights import load_predictor
+from helpers import THREADS
+
+pytestmark = pytest.mark.xdist_group("collected")  # one pytest-xdist worker builds `collected`
 
 # a permissive rule (any variance, any CKA) so the tiny runs hold both labels: ready once the window fills
 RULE = dict(window_epochs=1.0, var_threshold=1.0, cutoff=-1.0)
@@ -33,7 +36,7 @@ def _tiny(extra=()):
 
 @pytest.fixture(scope="module")
 def collected(tmp_path_factory):
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     d = tmp_path_factory.mktemp("collect")
     a = collect(_tiny(), out=d / "a.pt", seeds=(0, 1), tailor_size=256, record_every=1, checks_per_epoch=2,
                 run_id="tiny-a", **RULE)

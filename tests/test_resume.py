@@ -2,7 +2,7 @@
 
 The killed runs are real processes (``freezebench train`` via tests/signal_at_step.py) sent ``SIGKILL`` (no
 handler can run: the resume starts from the last epoch checkpoint) or ``SIGTERM`` (the trainer writes a
-checkpoint at the next step boundary, mid-epoch). CPU, deterministic kernels, two threads everywhere.
+checkpoint at the next step boundary, mid-epoch). CPU, deterministic kernels, the same thread count everywhere (``helpers.THREADS``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from freezebench.cli import main
 from freezebench.config import load_config
 from freezebench.errors import CheckpointError
 from freezebench.trainer import Trainer
-from helpers import StopAt
+from helpers import THREADS, StopAt
 
 HERE = Path(__file__).resolve().parent
 # 3 epochs of 4 steps; step 6 is the middle of epoch 2
@@ -35,7 +35,7 @@ POLICIES = {
 
 
 def _run_until_signal(step: int, signame: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(HERE.parent)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "PYTHONPATH": str(HERE.parent)}
     return subprocess.run([sys.executable, str(HERE / "signal_at_step.py"), str(step), signame, "train", *args],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 

@@ -21,6 +21,7 @@ from conftest import TINY
 from freezebench.config import load_config
 from freezebench.sweeps import run_sweep
 from freezebench.trainer import Trainer
+from helpers import THREADS
 from optuna.trial import TrialState
 
 HERE = Path(__file__).resolve().parent
@@ -29,8 +30,8 @@ PER_EPOCH = ("train/loss", "val/acc", "cost/tflops", "freeze/frozen_units")
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """Grid point 0 (policy=full, seed 0) trained once without interruption, two threads."""
-    torch.set_num_threads(2)
+    """Grid point 0 (policy=full, seed 0) trained once without interruption, ``THREADS`` threads."""
+    torch.set_num_threads(THREADS)
     out = tmp_path_factory.mktemp("ref")
     t = Trainer(load_config([*TINY, "policy=full", "trainer.seed=0", "tracking.enabled=false",
                              "trainer.checkpoint_every=0", f"trainer.output_dir={out}"]))
@@ -46,7 +47,7 @@ def kill_worker_and_rerun(fault: str, tmp_path: Path, mlflow_uri: str, reference
     client = mlflow.tracking.MlflowClient(mlflow_uri)
     client.search_experiments()  # the store's tables exist before the worker starts
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
-    env.update({"FREEZEBENCH_FAULT": fault, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(HERE.parent),
+    env.update({"FREEZEBENCH_FAULT": fault, "OMP_NUM_THREADS": str(THREADS), "PYTHONPATH": str(HERE.parent),
                 "MLFLOW_TRACKING_URI": mlflow_uri, "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"})
     worker = subprocess.run([sys.executable, "-m", "freezebench", "sweep", str(space), *TINY, "--storage", storage,
                              "--study", study, "--no-plots", "--heartbeat", "0.5", "--grace", "3"],
