@@ -89,8 +89,10 @@ def kill_and_resume(fault: str, tiny_overrides, tmp_path, mlflow_uri, reference)
     return run.info.run_id
 
 
+@pytest.mark.slow
 def test_kill_between_checkpoint_and_log_resumes_exactly_once(tiny_overrides, tmp_path, mlflow_uri, reference):
-    """The fast one: the classic double-logging window (epoch 2 checkpointed and logged, then killed)."""
+    """The classic double-logging window (epoch 2 checkpointed and logged, then killed). Like every test here it
+    starts real processes (two of them): slow tier; the fast tier checks resume in-process (test_contract.py)."""
     kill_and_resume("after_epoch_log:2", tiny_overrides, tmp_path, mlflow_uri, reference)
 
 
@@ -101,6 +103,7 @@ def test_kill_at_every_fault_point_then_resume(fault, tiny_overrides, tmp_path, 
     kill_and_resume(fault, tiny_overrides, tmp_path, mlflow_uri, reference)
 
 
+@pytest.mark.slow
 def test_mid_checkpoint_write_leaves_a_temporary_that_the_next_write_removes(tiny_overrides, tmp_path,
                                                                             mlflow_uri):
     """Untracked, in one process: the stale ``.last.pt.*.tmp`` of the killed writer is gone after resume."""

@@ -91,6 +91,7 @@ def kill_worker_and_rerun(fault: str, tmp_path: Path, mlflow_uri: str, reference
     assert list((tmp_path / "outputs").rglob("*.tmp")) == []
 
 
+@pytest.mark.slow
 def test_worker_lost_mid_trial_resumes_its_checkpoint(tmp_path, mlflow_uri, reference):
     kill_worker_and_rerun("mid_trial:2", tmp_path, mlflow_uri, reference)
 
