@@ -4,6 +4,7 @@ worker processes (pytest-xdist)."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -29,13 +30,18 @@ except ImportError:
 #: extra) and no ``-n`` is given: one per core, at most 4
 WORKERS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
+#: test files whose tests share one worker, each group building its expensive fixture once: compare_runs
+#: (session), like_runs and collected (module); every other test goes to whichever worker is free
+GROUPS = {"tests/test_report.py": "compare_runs", "tests/test_browser.py": "compare_runs",
+          "tests/test_compare_like.py": "like_runs", "tests/test_predictor_pipeline.py": "collected"}
+
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_cmdline_main(config):
     """``python -m pytest -q`` and ``-m "not slow"`` (no paths named) run on WORKERS pytest-xdist workers,
-    ``--dist loadgroup`` (tests marked ``xdist_group`` share a worker, e.g. a module's expensive fixture).
-    Naming files or tests (the edit-test loop), ``-n 0``, ``-p no:xdist``, ``--pdb`` or ``--collect-only``
-    keep one process; ``-n N`` sets the count. Runs before xdist's own hook (a conftest registers later)."""
+    ``--dist loadgroup`` (GROUPS: see pytest_xdist_make_scheduler). Naming files or tests (the edit-test loop),
+    ``-n 0``, ``-p no:xdist``, ``--pdb`` or ``--collect-only`` keep one process; ``-n N`` sets the count.
+    Runs before xdist's own hook (a conftest registers later)."""
     from _pytest.config import Config
 
     opt = config.option
@@ -48,6 +54,23 @@ def pytest_cmdline_main(config):
         opt.dist = "loadgroup"
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadgroup`` by GROUPS: the files of a group form one unit of work, every other test is a unit of
+    its own. (xdist's own ``xdist_group`` marks do not reach the scheduler under pytest 9: it renames the tests
+    through ``item._nodeid``, which pytest 9 no longer reads.)"""
+    if config.option.dist != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class FileGroups(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = nodeid.split("::", 1)[0]
+            return GROUPS[file] if file in GROUPS else super()._split_scope(nodeid)
+
+    return FileGroups(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
     """In xdist workers, the ``slow`` tests (the long ones) come first, so that the workers finish together
     instead of one of them starting a long test at the end. One process keeps the files' order."""
@@ -56,9 +79,42 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def _mlflow_store(tmp_path_factory):
-    # one sqlite store for the session: creating its tables takes seconds
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+def _mlflow_template(tmp_path_factory):
+    """An empty MLflow sqlite store, its tables created: MLflow's schema migrations on a new file cost seconds,
+    so the run makes it once (the first xdist worker to get here, the others wait on a file lock in the run's
+    shared temporary folder) and each store is a copy of it."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # one folder per run, shared by its workers
+    path = root / "mlflow-template.db"
+    with FileLock(f"{path}.lock"):
+        if not path.exists():
+            import mlflow
+
+            building = root / f"mlflow-template-{os.getpid()}.db"
+            mlflow.tracking.MlflowClient(f"sqlite:///{building}").search_experiments()
+            os.replace(building, path)
+    return path
+
+
+def fresh_mlflow_store(template, folder) -> str:
+    """A new MLflow store in ``folder`` (``mlflow.db``, a copy of the template): as a new file, without the wait."""
+    shutil.copyfile(template, os.path.join(folder, "mlflow.db"))
+    return f"sqlite:///{os.path.join(folder, 'mlflow.db')}"
+
+
+@pytest.fixture(scope="session")
+def _mlflow_store(_mlflow_template, tmp_path_factory):
+    """One sqlite store for the session (of this worker)."""
+    return fresh_mlflow_store(_mlflow_template, tmp_path_factory.mktemp("mlflow"))
+
+
+@pytest.fixture
+def fresh_mlflow_uri(_mlflow_template, tmp_path):
+    """A store of this test's own, ``tmp_path/mlflow.db`` (e.g. for a subprocess that must find no other runs)."""
+    return fresh_mlflow_store(_mlflow_template, tmp_path)
 
 
 @pytest.fixture

@@ -21,8 +21,6 @@ from pathlib import Path
 import mlflow
 import pytest
 
-pytestmark = pytest.mark.xdist_group("compare_runs")  # with test_report.py: one worker builds compare_runs
-
 ARTIFACTS = Path(os.environ.get("FREEZEBENCH_ARTIFACTS") or Path(__file__).parent / "artifacts")
 
 

@@ -16,7 +16,6 @@ from freezebench.config import load_config
 from conftest import TINY
 
 FILTER = "tags.suite = 'like'"
-pytestmark = pytest.mark.xdist_group("like_runs")  # one pytest-xdist worker builds like_runs
 
 
 @pytest.fixture(scope="module")

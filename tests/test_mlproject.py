@@ -15,16 +15,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_mlflow_run_static(tmp_path):
+def test_mlflow_run_static(tmp_path, fresh_mlflow_uri):
     mlflow_bin = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = fresh_mlflow_uri  # tmp_path/mlflow.db
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     for leaked in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         env.pop(leaked, None)  # set_experiment() in earlier tests exports the experiment id
     p = subprocess.run(
         [mlflow_bin, "run", str(ROOT), "--env-manager", "local", "-P", "policy=static", "-P", "model=tiny",
-         "-P", "epochs=3", "-P", "overrides=trainer.progress=false policy.at_epoch=1 tracking.system_metrics=false"],
+         "-P", "epochs=3", "-P", "overrides=trainer.progress=false policy.at_epoch=1 tracking.system_metrics=false "
+         f"trainer.output_dir={tmp_path / 'outputs'}"],  # `mlflow run` works in the project folder: not there
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )
     assert p.returncode == 0, p.stderr[-3000:]

@@ -22,8 +22,6 @@ from freezebench.predictors.train import evaluate_predictor, roc_auc, train_pred
 from freezebench.predictors.weights import load_predictor
 from helpers import THREADS
 
-pytestmark = pytest.mark.xdist_group("collected")  # one pytest-xdist worker builds `collected`
-
 # a permissive rule (any variance, any CKA) so the tiny runs hold both labels: ready once the window fills
 RULE = dict(window_epochs=1.0, var_threshold=1.0, cutoff=-1.0)
 

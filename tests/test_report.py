@@ -18,9 +18,6 @@ from freezebench.analysis.report import (FIGURES, HEADER, Report, Row, RunRecord
 
 SUITE = "tags.suite = 't'"
 
-# one pytest-xdist worker builds the session's compare_runs for these tests and test_browser.py
-pytestmark = pytest.mark.xdist_group("compare_runs")
-
 
 def _metrics(uri: str, run_ids: list[str], key: str) -> list[float]:
     client = mlflow.tracking.MlflowClient(uri)
