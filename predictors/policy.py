@@ -157,20 +157,36 @@ class SmartFRZ(FreezePolicy):
         self.tailor = Tailor(self._params, tailor_size=c.tailor_size, seed=c.seed, device=plan.device)
         self.history = HistoryBuffer(len(self._units), c.window, c.tailor_size, device=plan.device)
         self.records = 0  # snapshots recorded (record calls)
+        self._active_key: frozenset[int] | None = None  # the frozen set self._active was computed for
+        self._active: list[int] = []
         self.stages = 0  # freezing stages run
         self.last_stage: dict[str, float] = {}  # figures of the last stage (epoch_metrics)
 
     # --- life cycle -----------------------------------------------------------------------------------
     def observe_at(self, step: int) -> bool:
-        return step > 0 and step % self.record_every == 0 and bool(self.active_units())
+        """Every ``record_every`` steps, but only the snapshots that a stage will read: the last ``window``
+        record steps up to the next stage (a snapshot older than that leaves every unit's ring buffer before
+        any stage reads it, so skipping it changes no window; at one snapshot per step and one stage per
+        45-step epoch, a third of the snapshots)."""
+        if step <= 0 or step % self.record_every:
+            return False
+        nxt = -(-step // self.stage_every) * self.stage_every  # the next stage at or after this step
+        if nxt // self.record_every - step // self.record_every >= self.history.window:
+            return False
+        return bool(self._active_rows())
+
+    def _active_rows(self) -> list[int]:
+        """History rows of the active units, cached per frozen set (it changes only at a freeze)."""
+        if self._active_key is not self.frozen:
+            self._active_key = self.frozen
+            self._active = [self._row[u] for u in self.active_units()]
+        return self._active
 
     def observe(self, step: int, signals: Signals) -> None:
-        rows = [self._row[u] for u in self.active_units()]
+        rows = self._active_rows()
         if not rows:
             return
-        with torch.no_grad():
-            snaps = self.tailor.snapshot_all(self._params, rows)
-        self.history.record(rows, snaps)
+        self.history.record(rows, self.tailor.snapshot_all(self._params, rows))
         self.records += 1
 
     def decide_at(self, step: int) -> bool:
@@ -184,8 +200,8 @@ class SmartFRZ(FreezePolicy):
         if not ready_rows:
             self.last_stage = {"evaluated_units": 0.0, "predicted_freeze_frac": 0.0}
             return None
-        with torch.no_grad():
-            probs = self.predictor.probabilities(self.history.windows(ready_rows))
+        # one batched call on a fresh gather of the windows, normalised in place
+        probs = self.predictor.probabilities(self.history.windows(ready_rows), inplace=True)
         p_freeze = probs[:, 1].tolist()  # the one device->host transfer of a stage
         conf = {self._units[r]: p for r, p in zip(ready_rows, p_freeze)}
         n_pred = sum(p > self.threshold for p in p_freeze)

@@ -22,7 +22,8 @@ Choices that are ours (the paper only says "randomly sample"):
 * **Gathering** never concatenates a unit's parameters: the indices are split per tensor once (sorted,
   with the permutation that restores the drawn order), each tensor contributes one ``index_select`` of
   its own elements, and the small gathered pieces are put back in drawn order with one index. The
-  batched :meth:`Tailor.snapshot_all` does that for many units with one concatenation and one index.
+  batched :meth:`Tailor.snapshot_all` does that for many units, each tensor's ``index_select`` writing
+  into a cached staging vector, then one ``index_select`` with a cached index.
 * Snapshots are returned in ``float32`` by default (whatever the parameters' dtype), detached.
 """
 
@@ -90,7 +91,7 @@ class Tailor:
         self.indices: list[torch.Tensor] = []  # (tailor_size,) int64, drawn order, per unit
         self._local: list[list[torch.Tensor]] = []  # per unit, per tensor: sorted local offsets
         self._restore: list[torch.Tensor] = []  # per unit: gathered (sorted) order -> drawn order
-        self._plans: dict[tuple[int, ...], torch.Tensor] = {}  # snapshot_all's cached indices per unit set
+        self._plans: dict[tuple, tuple] = {}  # snapshot_all's cached plans per (unit set, dtype)
         for u, spec in enumerate(units):
             sizes, dev = _sizes(spec)
             dev = torch.device(device) if device is not None else dev
@@ -150,28 +151,53 @@ class Tailor:
 
         ``params[u]`` is unit ``u``'s parameter list (indexed by unit id, like the constructor's list).
 
-        One ``index_select`` per parameter tensor, one concatenation of the small gathered pieces, and one
-        ``index_select`` with an index cached per set of units that puts them back in drawn order. (Relative
-        costs measured in isolation on resnet20's 19 layer units, 57 tensors, tailor 1024, on a loaded CPU:
-        the advanced-indexing gather this replaced, rebuilding its index every call, took 6-12x as long;
-        concatenating all the weights for one global ``index_select`` about 5x, the concatenation itself
-        dominating.)"""
+        Per set of units (and dtype) a plan is built once and cached: a staging vector holding the units'
+        blocks of ``tailor_size`` in gathered (sorted) order, a destination view of it per parameter
+        tensor, and the index that puts every block back in drawn order. A call is then one
+        ``index_select`` per parameter tensor written straight into its destination (``out=``), and one
+        ``index_select`` with the cached index: no concatenation, no per-call allocation but the result.
+        (Relative costs measured in isolation on resnet20's 19 layer units, 57 tensors, tailor 1024, on a
+        loaded CPU: the advanced-indexing gather this replaced, rebuilding its index every call, took 6-12x
+        as long; concatenating all the weights for one global ``index_select`` about 5x, the concatenation
+        itself dominating.) The values are copies of the weights, so every variant gives the same bits."""
         units = list(range(self.num_units)) if units is None else list(units)
         if not units:
             dev = self.indices[0].device if self.indices else torch.device("cpu")
             return torch.empty(0, self.tailor_size, dtype=dtype, device=dev)
-        key = tuple(units)
+        key = (tuple(units), dtype)
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._plan(units)
+            plan = self._plan(units, params, dtype)
             if len(self._plans) > 64:  # active sets only shrink during training: a handful of keys
                 self._plans.clear()
             self._plans[key] = plan
-        pieces = [piece for u in units for piece in self._gather(u, params[u], dtype)]
-        flat = torch.cat(pieces)  # unit blocks of tailor_size each, in sorted order within a block
-        return flat.index_select(0, plan).view(len(units), self.tailor_size)
+        staging, restore, pieces = plan
+        with torch.no_grad():
+            for u, j, loc, dst in pieces:
+                p = params[u][j]
+                flat = p.reshape(-1)
+                if p.dtype == dtype:
+                    torch.index_select(flat, 0, loc, out=dst)
+                else:
+                    dst.copy_(flat.index_select(0, loc))
+            return staging.index_select(0, restore).view(len(units), self.tailor_size)
 
-    def _plan(self, units: list[int]) -> torch.Tensor:
+    def _plan(self, units: list[int], params: Sequence[Sequence[torch.Tensor]], dtype: torch.dtype):
+        for u in units:  # checked once per plan: the units' tensors are fixed for a run
+            if len(params[u]) != len(self._local[u]):
+                raise ValueError(f"unit {u}: got {len(params[u])} tensors, tailored for {len(self._local[u])}")
+            for p, n in zip(params[u], self.numels[u]):
+                if p.numel() != n:
+                    raise ValueError(f"unit {u}: a tensor has {p.numel()} elements, tailored for {n}")
         restore = torch.stack([self._restore[u] for u in units])  # (k, T)
-        offset = torch.arange(len(units), device=restore.device).unsqueeze(1) * self.tailor_size
-        return (restore + offset).reshape(-1)
+        dev = restore.device
+        offset = torch.arange(len(units), device=dev).unsqueeze(1) * self.tailor_size
+        staging = torch.empty(len(units) * self.tailor_size, dtype=dtype, device=dev)
+        pieces, at = [], 0
+        for u in units:
+            for j, loc in enumerate(self._local[u]):
+                n = loc.numel()
+                if n:
+                    pieces.append((u, j, loc, staging[at : at + n]))
+                at += n
+        return staging, (restore + offset).reshape(-1), pieces
