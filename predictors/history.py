@@ -103,7 +103,8 @@ class HistoryBuffer:
     def windows(self, unit_ids: Sequence[int]) -> torch.Tensor:
         """``(k, window, tailor_size)``: each unit's snapshots oldest first (the latest is ``[:, -1]``).
 
-        Every unit must have a full window (see :meth:`ready_units`)."""
+        Every unit must have a full window (see :meth:`ready_units`). The result is a fresh tensor (an
+        advanced-indexing gather), never a view of the buffer: the policy normalises it in place."""
         ids = self._check(unit_ids)
         short = [u for u in ids if not self.full(u)]
         if short:
