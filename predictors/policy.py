@@ -9,7 +9,8 @@ Rule (paper sections 3-4, figure 1):
 
 * every ``record_every`` steps, record a *tailored* snapshot of every active (not yet frozen) freezable
   layer: the same ``tailor_size`` randomly sampled weights of the layer each time (:mod:`.tailoring`),
-  kept in a per-layer ring buffer of the last ``window`` snapshots (:mod:`.history`);
+  kept in a per-layer ring buffer of the last ``window`` snapshots (:mod:`.history`); only the snapshots
+  a stage will read are taken (the last ``window`` record steps before each stage; see **Cost**);
 * every ``stage_every`` steps a *freezing stage*: the shared predictor (:mod:`.model`, eq. 1-4) reads the
   window of each active layer and predicts "freeze" or "keep training"; the layers predicted "freeze" are
   frozen, in any order (non-sequential: a later layer may freeze before an earlier one, section 3.4);
@@ -176,7 +177,7 @@ class SmartFRZ(FreezePolicy):
         self._params = [list(units[u].parameters) for u in self._units]
         self.tailor = Tailor(self._params, tailor_size=c.tailor_size, seed=c.seed, device=plan.device)
         self.history = HistoryBuffer(len(self._units), c.window, c.tailor_size, device=plan.device)
-        self.records = 0  # snapshots recorded (record calls)
+        self.records = 0  # snapshots recorded (record calls; only those a stage will read)
         self._active_key: frozenset[int] | None = None  # the frozen set self._active was computed for
         self._active: list[int] = []
         self.stages = 0  # freezing stages run
