@@ -49,7 +49,7 @@ DEVICE = "cpu"
 def run(policy: str, model: str, epochs: int, extra: list[str], outdir: str) -> dict:
     cfg = load_config([f"policy={policy}", f"model.name={model}", f"trainer.epochs={epochs}",
                        "tracking.enabled=false", "trainer.progress=false", f"trainer.output_dir={outdir}",
-                       f"trainer.device={DEVICE}", *SETTINGS, *extra])
+                       f"trainer.device={DEVICE}", *extra, *SETTINGS])  # --set wins (also over --realistic)
     tr = Trainer(cfg)
     res = tr.fit()
     train_s = sum(h["time/train_s"] for h in res.history)

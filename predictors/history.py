@@ -37,6 +37,7 @@ class HistoryBuffer:
         self.buffer = torch.zeros(self.num_units, self.window, self.tailor_size, device=device, dtype=dtype)
         self._head = [0] * self.num_units  # next slot to write, per unit
         self._count = [0] * self.num_units  # snapshots held, per unit (<= window)
+        self._rows: dict[tuple[int, ...], torch.Tensor] = {}  # record's row index per (checked) set of units
 
     @property
     def device(self) -> torch.device:
@@ -57,20 +58,36 @@ class HistoryBuffer:
         return ids
 
     def record(self, unit_ids: Sequence[int], snapshots: torch.Tensor) -> None:
-        """Append ``snapshots[i]`` (``(k, tailor_size)``) to the history of ``unit_ids[i]``."""
-        ids = self._check(unit_ids)
-        if snapshots.shape != (len(ids), self.tailor_size):
+        """Append ``snapshots[i]`` (``(k, tailor_size)``) to the history of ``unit_ids[i]``.
+
+        One store: when every unit writes the same slot (the case in training, where the active units are
+        recorded together), ``index_copy_`` of the rows into that slot with a row index cached per set of
+        units; otherwise one indexed store."""
+        key = tuple(map(int, unit_ids))
+        rows = self._rows.get(key)
+        if rows is None:
+            ids = self._check(unit_ids)
+            rows = torch.tensor(ids, device=self.device, dtype=torch.long)
+            if len(self._rows) > 64:  # active sets only shrink during training: a handful of keys
+                self._rows.clear()
+            self._rows[key] = rows
+        if snapshots.shape != (len(key), self.tailor_size):
             shape = tuple(snapshots.shape)
-            raise ValueError(f"snapshots must have shape ({len(ids)}, {self.tailor_size}), got {shape}")
-        if not ids:
+            raise ValueError(f"snapshots must have shape ({len(key)}, {self.tailor_size}), got {shape}")
+        if not key:
             return
-        slots = [self._head[u] for u in ids]
-        rows = torch.tensor(ids, device=self.device)
-        cols = torch.tensor(slots, device=self.device)
-        self.buffer[rows, cols] = snapshots.to(device=self.device, dtype=self.buffer.dtype)
-        for u in ids:
-            self._head[u] = (self._head[u] + 1) % self.window
-            self._count[u] = min(self._count[u] + 1, self.window)
+        head, count, window = self._head, self._count, self.window
+        slot = head[key[0]]
+        snaps = snapshots.to(device=self.device, dtype=self.buffer.dtype)
+        if all(head[u] == slot for u in key):
+            self.buffer.select(1, slot).index_copy_(0, rows, snaps)
+        else:
+            cols = torch.tensor([head[u] for u in key], device=self.device)
+            self.buffer[rows, cols] = snaps
+        for u in key:
+            head[u] = (head[u] + 1) % window
+            if count[u] < window:
+                count[u] += 1
 
     def count(self, unit: int) -> int:
         """Snapshots held for ``unit`` (at most ``window``)."""
@@ -86,7 +103,8 @@ class HistoryBuffer:
     def windows(self, unit_ids: Sequence[int]) -> torch.Tensor:
         """``(k, window, tailor_size)``: each unit's snapshots oldest first (the latest is ``[:, -1]``).
 
-        Every unit must have a full window (see :meth:`ready_units`)."""
+        Every unit must have a full window (see :meth:`ready_units`). The result is a fresh tensor (an
+        advanced-indexing gather), never a view of the buffer: the policy normalises it in place."""
         ids = self._check(unit_ids)
         short = [u for u in ids if not self.full(u)]
         if short:

@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["NORM_MODES", "QUERY_MODES", "normalize", "mlp", "SmartFRZPredictor", "predictor_params", "predictor_flops"]
+__all__ = ["NORM_MODES", "QUERY_MODES", "normalize", "normalize_", "mlp", "SmartFRZPredictor", "predictor_params", "predictor_flops"]
 
 NORM_MODES = ("first_delta", "diff", "standardize", "delta", "none")
 #: the modes whose query depends on the current snapshot (``delta`` does not; see the module docstring)
@@ -72,6 +72,34 @@ def normalize(windows: torch.Tensor, mode: str = "standardize", eps: float = 1e-
     return (windows - windows[..., -1:, :]) / scale
 
 
+def normalize_(windows: torch.Tensor, mode: str = "standardize", eps: float = 1e-8) -> torch.Tensor:
+    """:func:`normalize` in place (returns ``windows``, overwritten): the same elementwise operations on the
+    same values, so the same bits, without the temporaries (the policy's windows are a fresh gather).
+    ``diff`` and ``none`` are returned out of place / unchanged, as :func:`normalize` does."""
+    if mode in ("none", "diff") or mode not in NORM_MODES:
+        return normalize(windows, mode, eps)
+    std, mean = torch.std_mean(windows, dim=(-2, -1), keepdim=True, correction=0)
+    scale = std.clamp_min(eps)
+    if mode == "standardize":
+        ref = mean
+    elif mode == "first_delta":
+        ref = windows[..., :1, :].clone()
+    else:  # delta
+        ref = windows[..., -1:, :].clone()
+    return windows.sub_(ref).div_(scale)
+
+
+def _mlp_inplace(seq: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """``seq(x)`` for an :func:`mlp` without autograd, each ReLU in place on its Linear's fresh output
+    (the same kernels as ``seq(x)``, so the same bits, one temporary fewer per layer)."""
+    for layer in seq:
+        if isinstance(layer, nn.ReLU):
+            x = torch.relu_(x)
+        else:
+            x = layer(x)
+    return x
+
+
 def mlp(sizes: list[int]) -> nn.Sequential:
     """Linear layers ``sizes[0] -> ... -> sizes[-1]`` with ReLU between them (none after the last)."""
     layers: list[nn.Module] = []
@@ -105,24 +133,35 @@ class SmartFRZPredictor(nn.Module):
 
     def forward(self, windows: torch.Tensor, return_attention: bool = False):
         """Logits ``(B, 2)`` for windows ``(B, W, tailor_size)``; with ``return_attention`` also ``alpha (B, W)``."""
+        self._check(windows)
+        return self._attend(normalize(windows, self.norm), (lambda m, t: m(t)), return_attention)
+
+    def _check(self, windows: torch.Tensor) -> None:
         if windows.dim() != 3 or windows.shape[-1] != self.tailor_size:
             raise ValueError(f"windows must have shape (B, W, {self.tailor_size}), got {tuple(windows.shape)}")
-        x = normalize(windows, self.norm)
-        k = self.mlp_k(x)  # (B, W, d)
-        v = self.mlp_v(x)  # (B, W, d)
-        q = self.mlp_q(x[:, -1])  # (B, d): query from the latest snapshot only
+
+    def _attend(self, x: torch.Tensor, run, return_attention: bool = False):
+        """Eq. 1-4 on normalised windows ``x``; ``run(mlp, input)`` applies one of the MLPs."""
+        k = run(self.mlp_k, x)  # (B, W, d)
+        v = run(self.mlp_v, x)  # (B, W, d)
+        q = run(self.mlp_q, x[:, -1])  # (B, d): query from the latest snapshot only
         a = torch.bmm(k, q.unsqueeze(-1)).squeeze(-1)  # (B, W): a_j = Q_t . K_j
         if self.scale != 1.0:
             a = a * self.scale
         alpha = torch.softmax(a, dim=-1)
         c = torch.bmm(alpha.unsqueeze(1), v).squeeze(1)  # (B, d): C_t = sum_j alpha_j V_j
-        logits = self.mlp_z(c)
+        logits = run(self.mlp_z, c)
         return (logits, alpha) if return_attention else logits
 
-    @torch.no_grad()
-    def probabilities(self, windows: torch.Tensor) -> torch.Tensor:
-        """Confidence scores ``(B, 2)``: softmax of the logits; column 1 = freeze."""
-        return torch.softmax(self(windows), dim=-1)
+    def probabilities(self, windows: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """Confidence scores ``(B, 2)``: softmax of the logits; column 1 = freeze. Without autograd
+        (``inference_mode``), ReLUs in place; ``inplace=True`` also normalises ``windows`` in place
+        (overwriting them: the policy passes a fresh gather). The same bits as ``softmax(self(windows))``
+        (a test pins that on the shipped predictor)."""
+        self._check(windows)
+        with torch.inference_mode():
+            x = normalize_(windows, self.norm) if inplace else normalize(windows, self.norm)
+            return torch.softmax(self._attend(x, _mlp_inplace), dim=-1)
 
     @torch.no_grad()
     def predict(self, windows: torch.Tensor) -> torch.Tensor:

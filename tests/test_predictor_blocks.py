@@ -202,3 +202,65 @@ def test_snapshot_all_equals_per_unit_snapshots():
     assert torch.equal(both[0], tl.snapshot(0, units[0])) and torch.equal(both[1], tl.snapshot(2, units[2]))
     assert torch.equal(tl.snapshot_all(units, [0, 2]), both)  # the cached index gives the same
     assert torch.equal(tl.snapshot_all(units, [2])[0], both[1])
+    # the cached plan's staging is reused: a later call sees the new weights, earlier results stay put
+    with torch.no_grad():
+        units[0][0].add_(1.0)
+    again = tl.snapshot_all(units, [0, 2])
+    assert torch.equal(again[0], tl.snapshot(0, units[0])) and torch.equal(again[1], both[1])
+    assert not torch.equal(again[0], both[0])
+    # other dtypes: snapshots in float32 of bf16 weights (copy path), and in the weights' own dtype
+    half = [[t.to(torch.bfloat16) for t in u] for u in units]
+    assert torch.equal(tl.snapshot_all(half, [0, 2]), torch.stack([tl.snapshot(0, half[0]), tl.snapshot(2, half[2])]))
+    assert torch.equal(tl.snapshot_all(half, [2], dtype=torch.bfloat16)[0], tl.snapshot(2, half[2], torch.bfloat16))
+    with pytest.raises(ValueError, match="tailored for"):  # checked when a unit set's plan is built
+        tl.snapshot_all([units[0], units[1], [torch.randn(3000)]], [1, 2])
+    with pytest.raises(ValueError, match="elements, tailored for"):
+        tl.snapshot_all([units[0], [torch.randn(4)], units[2]], [0, 1])
+
+
+def test_history_record_same_slot_and_mixed_slots():
+    """record's one-slot store (all units at the same ring position) and its indexed store (after a drop,
+    positions differ) give the same history as appending one unit at a time."""
+    g = torch.Generator().manual_seed(0)
+    a, b = HistoryBuffer(3, 4, 8), HistoryBuffer(3, 4, 8)
+    for t in range(6):
+        s = torch.randn(3, 8, generator=g)
+        ids = [0, 1, 2] if t != 2 else [2, 0]
+        a.record(ids, s[: len(ids)])
+        for i, u in enumerate(ids):
+            b.record([u], s[i : i + 1])
+        if t == 3:
+            a.drop(1)
+            b.drop(1)
+    assert torch.equal(a.buffer, b.buffer) and [a.count(u) for u in range(3)] == [b.count(u) for u in range(3)]
+    assert torch.equal(a.windows([0, 2]), b.windows([0, 2]))
+    with pytest.raises(ValueError, match="distinct"):
+        a.record([0, 0], torch.zeros(2, 8))
+    with pytest.raises(ValueError, match="shape"):
+        a.record([0, 1], torch.zeros(3, 8))
+
+
+@pytest.mark.parametrize("norm", ["first_delta", "diff", "standardize", "delta", "none"])
+def test_probabilities_fast_path_is_bit_identical(norm):
+    """The policy's scoring path (inference mode, ReLUs and normalisation in place) gives the same bits
+    as ``softmax(forward)`` (the path evaluation and training use), for every normalisation mode."""
+    torch.manual_seed(0)
+    model = SmartFRZPredictor(tailor_size=64, norm=norm).eval()
+    x = torch.randn(5, 7, 64).cumsum(1) * 0.01 + 0.3
+    with torch.no_grad():
+        ref = torch.softmax(model(x), dim=-1)
+    assert torch.equal(model.probabilities(x), ref)
+    y = x.clone()
+    assert torch.equal(model.probabilities(y, inplace=True), ref)
+
+
+def test_probabilities_fast_path_on_the_shipped_default():
+    """The same on the shipped default predictor at the default job's size: 19 units, window 30, tailor 1024."""
+    from freezebench.predictors.weights import DEFAULT_WEIGHTS, load_predictor
+
+    model, _ = load_predictor(DEFAULT_WEIGHTS)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(19, 30, 1024, generator=g).mul_(1e-3).cumsum(1).add_(torch.randn(19, 1, 1024, generator=g))
+    with torch.no_grad():
+        ref = torch.softmax(model(x), dim=-1)
+    assert torch.equal(model.probabilities(x.clone(), inplace=True), ref)

@@ -182,15 +182,82 @@ def test_family_selection_and_errors(tmp_path, monkeypatch):
 
 # --- cadence and rule ---------------------------------------------------------------------------------------
 def test_default_cadence(always):
+    """Every record_every steps, but only the last `window` record steps before each stage (older
+    snapshots would leave the ring buffer before any stage reads them)."""
     pol, _, _ = _make(always, steps_per_epoch=65)
-    assert pol.record_every == 2 and pol.stage_every == 65
-    assert [s for s in range(0, 131) if pol.observe_at(s)] == list(range(2, 131, 2))
+    assert pol.record_every == 2 and pol.stage_every == 65 and pol.history.window == 3
+    assert [s for s in range(0, 131) if pol.observe_at(s)] == [60, 62, 64, 126, 128, 130]
     assert [s for s in range(0, 131) if pol.decide_at(s)] == [65, 130]
     pol, _, _ = _make(always, steps_per_epoch=10)
     assert pol.record_every == 1 and pol.stage_every == 10
-    pol, _, _ = _make(always, record_every=3, stage_every=4)
+    assert [s for s in range(0, 21) if pol.observe_at(s)] == [8, 9, 10, 18, 19, 20]
+    pol, _, _ = _make(always, record_every=3, stage_every=4)  # a window spans several stages: every record
     assert [s for s in range(13) if pol.observe_at(s)] == [3, 6, 9, 12]
     assert [s for s in range(13) if pol.decide_at(s)] == [4, 8, 12]
+    pol, _, _ = _make(always, record_every=2, stage_every=7)  # stages off the record grid
+    assert [s for s in range(15) if pol.observe_at(s)] == [2, 4, 6, 10, 12, 14]
+
+
+def test_skipped_snapshots_change_no_window():
+    """The shipped default predictor at window 30, one snapshot per step, one stage per 45 steps (the
+    default job's cadence): the policy, recording only what a stage reads, feeds the predictor the same
+    windows and gets the same probabilities (torch.equal) and decisions as a reference that records every
+    step with the per-unit gather and scores with the plain forward."""
+    model, units = _units()
+    plan = Plan(epochs=3, steps_per_epoch=45, batch_size=4, base_lr=0.1, seed=0)
+
+    class Reference(SmartFRZ):
+        def observe_at(self, step):
+            return step > 0 and step % self.record_every == 0 and bool(self.active_units())
+
+        def observe(self, step, signals):
+            rows = [self._row[u] for u in self.active_units()]
+            snaps = torch.stack([self.tailor.snapshot(r, self._params[r]) for r in rows])
+            self.history.record(rows, snaps)
+            self.records += 1
+
+    pols = [SmartFRZ(SmartFRZConfig()), Reference(SmartFRZConfig())]
+    fed: list[list] = [[], []]
+    for i, pol in enumerate(pols):
+        pol.setup(units, plan)
+        forward = pol.predictor
+
+        class Spy:
+            def __init__(self, out):
+                self.out = out
+
+            def probabilities(self, windows, inplace=False):
+                seen = windows.clone()
+                ref = torch.softmax(forward(seen), dim=-1)  # the plain forward
+                p = forward.probabilities(windows, inplace=inplace)
+                assert torch.equal(p, ref)
+                self.out.append((seen, p))
+                return p
+
+        pol.predictor = Spy(fed[i])
+    g = torch.Generator().manual_seed(0)
+    decisions: list[list] = [[], []]
+    for step in range(1, 3 * 45 + 1):
+        with torch.no_grad():  # a slowing random walk: late stages have converging units
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=g) * 0.05 / step)
+        for i, pol in enumerate(pols):
+            if pol.observe_at(step):
+                pol.observe(step, Signals(step=step, epoch=step / 45, units=units))
+            dec = pol.decide(step) if pol.decide_at(step) else None
+            decisions[i].append(list(dec.freeze) if dec else [])
+        if decisions[0][-1]:
+            for u in decisions[0][-1]:
+                for p in units[u].parameters:
+                    p.requires_grad_(False)
+            for pol in pols:
+                pol.notify_frozen(pol.frozen | frozenset(decisions[0][-1]))
+    assert decisions[0] == decisions[1]
+    assert pols[0].records == 3 * 30 and pols[1].records == 3 * 45
+    assert len(fed[0]) == len(fed[1]) == 3
+    for (w_new, p_new), (w_ref, p_ref) in zip(*fed):
+        assert torch.equal(w_new, w_ref) and torch.equal(p_new, p_ref)
 
 
 def test_freezes_only_with_full_window_and_drops_history(always):
@@ -219,7 +286,7 @@ def test_never_freeze_predictor(never):
 
 
 def test_snapshots_follow_the_weights(always):
-    pol, model, units = _make(always, record_every=1, stage_every=100)
+    pol, model, units = _make(always, record_every=1, stage_every=3)
     _tick(pol, model, units, 1)
     w = pol.history.buffer[:, 0]
     for r, u in enumerate(pol.freezable):
@@ -233,7 +300,7 @@ class _Stub:
         self.pattern = pattern
         self.calls = 0
 
-    def probabilities(self, windows):
+    def probabilities(self, windows, inplace=False):
         self.calls += 1
         p = torch.tensor([0.9 if f else 0.1 for f in self.pattern[: windows.shape[0]]])
         return torch.stack([1 - p, p], dim=1)
@@ -266,8 +333,8 @@ def test_sequential_prefix():
 
 
 def test_state_round_trip(always):
-    pol, model, units = _make(always, record_every=1, stage_every=5)
-    for s in (1, 2):
+    pol, model, units = _make(always, record_every=1, stage_every=4)  # records at steps 2, 3, 4
+    for s in (1, 2, 3):
         _tick(pol, model, units, s)
     state = pol.state_dict()
     clone = SmartFRZ(pol.cfg)
@@ -277,8 +344,8 @@ def test_state_round_trip(always):
     assert torch.equal(clone.history.buffer, pol.history.buffer)
     assert [clone.history.count(r) for r in range(3)] == [2, 2, 2]
     # both continue identically
-    _tick(pol, model, units, 3)
-    clone.observe(3, Signals(step=3, epoch=0.5, units=units))
+    for p in (pol, clone):
+        p.observe(4, Signals(step=4, epoch=4 / 6, units=units))
     assert torch.equal(clone.history.windows([0, 1, 2]), pol.history.windows([0, 1, 2]))
     other, _, _ = _make(always, record_every=1)
     bad = dict(state, history=dict(state["history"], window=7))
