@@ -94,13 +94,28 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def use_deterministic_algorithms() -> None:
+    """``torch.use_deterministic_algorithms(True, warn_only=True)``, without importing ``torch._inductor``.
+
+    The public call also sets inductor's ``config.deterministic``, and importing that config imports all of
+    ``torch._inductor`` and ``torch._dynamo`` (about a fifth of a short run's start-up, issue 17). When inductor
+    is not loaded yet, only the kernels' flag is set here; ``trainer.compile`` makes the public call before
+    compiling (:func:`freezebench.features.compile.attach`).
+    """
+    set_flag = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if set_flag is None or "torch._inductor.config" in sys.modules:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        set_flag(True, warn_only=True)
+
+
 def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        use_deterministic_algorithms()
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
 
@@ -158,7 +173,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: DictConfig, *, model: torch.nn.Module | None = None, data: DataBundle | None = None,
-                 policy: FreezePolicy | None = None, hooks: Sequence[Hook] = ()):
+                 policy: FreezePolicy | None = None, hooks: Sequence[Hook] = (), tracking_process: Any = None):
         self.cfg = cfg
         self._setup_parallel()
         self._setup_data(data)
@@ -172,7 +187,8 @@ class Trainer:
         self.resumed_from: dict[str, Any] | None = self._resume()  # may set tracking.run_id
         # resumed from a finished checkpoint whose end was never logged: fit() only closes the run
         self._closing = self.resumed_from is not None and self.resumed_from["finished"]
-        self.tracker: NullTracker = make_tracker(cfg.tracking) if self.rank == 0 else NullTracker()
+        # tracking_process: MLflow warmed up in a second process (freezebench.trainer.tracking.TrackingProcess)
+        self.tracker: NullTracker = make_tracker(cfg.tracking, tracking_process) if self.rank == 0 else NullTracker()
 
     # --- assembly ------------------------------------------------------------------------------------
     def _setup_parallel(self) -> None:
