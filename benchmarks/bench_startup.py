@@ -2,7 +2,8 @@
 
     python benchmarks/bench_startup.py                    # 5 repeats of everything (~2-3 min on 2 quiet cores)
     python benchmarks/bench_startup.py --repeats 1 --job "policy=full trainer.epochs=1 trainer.max_steps_per_epoch=2"
-    /path/to/other/venv/bin/python benchmarks/bench_startup.py   # another install (e.g. an older commit)
+    python benchmarks/bench_startup.py --python /path/to/other/venv/bin/python   # another install (an older commit)
+    FREEZEBENCH_TRACKING_PROCESS=0 python benchmarks/bench_startup.py --no-light  # MLflow in the trainer's process
 
 Whole processes, timed from outside (``time.perf_counter`` around ``subprocess.run``), the median of
 ``--repeats`` runs each (default 5):
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--job", default="policy=full", help="overrides of the default job (space separated)")
     ap.add_argument("--python", default=sys.executable, help="the interpreter whose freezebench is measured")
     ap.add_argument("--no-job", action="store_true", help="time the light commands only")
+    ap.add_argument("--no-light", action="store_true", help="time the default job only")
     args = ap.parse_args(argv)
     fb = [args.python, "-m", "freezebench"]
     load_before = os.getloadavg()
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         light = {"help_s": ["--help"], "list_s": ["list"], "compare_help_s": ["compare", "--help"],
                  "config_s": ["config", "policy=static"]}
         _run([*fb, "--help"], cwd)  # untimed: bytecode compiled, caches warm
-        for key, sub in light.items():
+        for key, sub in ({} if args.no_light else light).items():
             times = [_run([*fb, *sub], cwd)[2] for _ in range(args.repeats)]
             res[key] = _median(times)
             print(f"{key:<28} median {res[key]:.3f} s  ({', '.join(f'{t:.3f}' for t in times)})", flush=True)

@@ -4,6 +4,9 @@ Tracking URI: ``tracking.uri`` if set, else ``$MLFLOW_TRACKING_URI``, else ``sql
 working directory (MLflow 3's ``./mlruns`` file store is refused unless ``MLFLOW_ALLOW_FILE_STORE=true``).
 Under ``mlflow run`` the process attaches to the run MLflow created (``$MLFLOW_RUN_ID``) instead of
 starting a new one. ``tracking.enabled=false`` gives a :class:`NullTracker` that writes nothing.
+
+:class:`MlflowTracker` makes the calls in this process; ``freezebench train`` makes them in a second process
+(:class:`TrackingProcess` and its :class:`RemoteTracker`), which imports MLflow while the trainer imports torch.
 """
 
 from __future__ import annotations
@@ -244,6 +247,7 @@ class TrackingProcess:
         self.proc = proc
         self._pending = 0  # requests sent whose answer was not read (an interrupted call)
         self._closed = False
+        self._used = False  # no call yet: no store opened, no run; closing may simply stop the process
 
     @classmethod
     def spawn(cls, uri: str | None, debug: bool = False) -> TrackingProcess | None:
@@ -270,6 +274,7 @@ class TrackingProcess:
 
         if self._closed:
             raise TrackingError("the MLflow tracking process was closed")
+        self._used = True
         try:
             while self._pending:  # an answer left unread by an interrupted call (Ctrl-C twice)
                 pickle.load(self.proc.stdout)
@@ -288,12 +293,17 @@ class TrackingProcess:
         raise TrackingError(value)
 
     def close(self, timeout: float = 30.0) -> None:
-        """Let the process exit as a process exits normally (MLflow's exit handlers), and wait for it."""
+        """Let the process exit as a process exits normally (MLflow's exit handlers), and wait for it; a
+        process never called (the command failed before its run began) is stopped at once."""
         import pickle
 
         if self._closed:
             return
         self._closed = True
+        if not self._used:  # the command ended before tracking began (an error): nothing to close there
+            self.proc.kill()
+            self.proc.wait()
+            return
         try:
             pickle.dump(("exit", ()), self.proc.stdin)
             self.proc.stdin.close()
