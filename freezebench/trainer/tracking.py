@@ -381,6 +381,25 @@ class RemoteTracker(NullTracker):
             log.warning("could not close MLflow run %s: %s", self.run_id, e)
 
 
+def _warm_store(uri: str) -> None:
+    """Open an existing sqlite store and resolve MLflow's context tags (git, source) before the first call.
+
+    Only a store whose file exists already: a command that fails before its run begins must create nothing.
+    Any error is left for the real call to report.
+    """
+    path = uri[len("sqlite:///"):].split("?", 1)[0] if uri.startswith("sqlite:///") else ""
+    try:
+        if path and path != ":memory:" and Path(path).expanduser().is_file():
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient(uri).search_experiments(max_results=1)  # the store: engine, schema check
+        from mlflow.tracking.context.registry import resolve_tags
+
+        resolve_tags({})
+    except Exception:
+        pass
+
+
 def serve() -> None:
     """The :class:`TrackingProcess`'s side: warm MLflow up, then answer calls until told to exit."""
     import pickle
@@ -402,11 +421,13 @@ def serve() -> None:
     import mlflow.entities  # noqa: F401
     from mlflow.tracking import MlflowClient  # noqa: F401
 
-    if "://" in hello["uri"] and not hello["uri"].startswith(("http:", "https:", "file:", "databricks")):
+    uri = hello["uri"]
+    if "://" in uri and not uri.startswith(("http:", "https:", "file:", "databricks")):
         try:
             import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
         except ImportError:
             pass
+    _warm_store(uri)
     from ..progress import phase
 
     phase("tracking-ready")
