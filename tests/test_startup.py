@@ -335,3 +335,24 @@ def test_a_command_that_fails_before_its_run_begins_leaves_no_process_nor_store(
     assert p.stderr.count("\n") == 1
     _no_worker_left(tmp_path, wait_s=5.0)
     assert not (tmp_path / "m.db").exists() and not (tmp_path / "mlruns").exists()
+
+
+@pytest.mark.slow
+def test_a_lost_tracking_process_ends_the_command_with_one_line(tmp_path):
+    """The MLflow process killed mid-run: the trainer's next MLflow call fails, the command prints one line
+    and exits 2 (no traceback)."""
+    import signal
+
+    p = subprocess.Popen([sys.executable, "-m", "freezebench", *RUN, "trainer.epochs=200", "trainer.progress=false"],
+                         cwd=tmp_path, env=_env(f"sqlite:///{tmp_path}/m.db", True, FREEZEBENCH_PHASES="1"),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in p.stderr:
+        if line.startswith("freezebench-phase train-start"):
+            break
+    [worker] = _workers(tmp_path)
+    worker.send_signal(signal.SIGKILL)
+    out, rest = p.communicate(timeout=300)
+    lines = [ln for ln in rest.splitlines() if not ln.startswith("freezebench-phase")]
+    assert p.returncode == 2 and len(lines) == 1, rest[-3000:]
+    assert lines[0] == ("freezebench: error: the MLflow tracking process stopped (exit status -9; any error it "
+                        "printed is above); pass tracking.enabled=false to train untracked")

@@ -286,8 +286,9 @@ class TrackingProcess:
             self._pending -= 1
         except (OSError, EOFError, pickle.UnpicklingError) as e:
             code = self.proc.poll()
-            raise TrackingError(f"the MLflow tracking process stopped ({'exit status ' + str(code) if code is not None else e}); "
-                                "its error is above; pass tracking.enabled=false to train untracked") from None
+            why = f"exit status {code}" if code is not None else str(e)
+            raise TrackingError(f"the MLflow tracking process stopped ({why}; any error it printed is above); "
+                                "pass tracking.enabled=false to train untracked") from None
         if status == "ok":
             return value
         raise TrackingError(value)
@@ -449,7 +450,8 @@ def serve() -> None:
         except TrackingError as e:
             answer = ("error", str(e))
         except Exception as e:
-            answer = ("error", f"MLflow {name} failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            answer = ("error", f"MLflow {name} failed: {type(e).__name__}: {first}")
         pickle.dump(answer, answers)
         answers.flush()
     from ..cli import exit_now
