@@ -161,6 +161,15 @@ def test_deterministic_kernels_without_importing_inductor(tmp_path):
             "torch.is_deterministic_algorithms_warn_only_enabled(), 'torch._inductor' in sys.modules)\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert p.stdout.split()[-4:] == ["FLAGS", "True", "True", "False"], p.stdout + p.stderr[-2000:]
+    code = ("import sys\n"
+            "from freezebench.config import load_config\n"
+            "from freezebench.trainer.loop import Trainer\n"
+            f"t = Trainer(load_config({RUN[1:]!r} + ['trainer.compile=true', 'trainer.compile_backend=eager', "
+            "'tracking.enabled=false']))\n"
+            "import torch._inductor.config as ic\n"
+            "print('INDUCTOR', t.compiler is not None, ic.deterministic)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert p.stdout.split()[-3:] == ["INDUCTOR", "True", "True"], p.stdout + p.stderr[-2000:]
 
 
 # --- MLflow in a second process (freezebench train) ------------------------------------------------------------
