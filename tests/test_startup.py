@@ -150,28 +150,6 @@ def test_python_m_freezebench_exits_with_the_commands_status(tmp_path):
     assert bad.returncode == 2 and bad.stderr.startswith("freezebench: error: ") and bad.stderr.count("\n") == 1
 
 
-@pytest.mark.slow
-def test_deterministic_kernels_without_importing_inductor(tmp_path):
-    """seed_everything(deterministic=True) sets torch's flag (warn-only) and leaves torch._inductor unimported;
-    trainer.compile's attach then sets inductor's deterministic config too."""
-    code = ("import sys, types, torch\n"
-            "from freezebench.trainer.loop import seed_everything\n"
-            "seed_everything(0, True)\n"
-            "print('FLAGS', torch.are_deterministic_algorithms_enabled(), "
-            "torch.is_deterministic_algorithms_warn_only_enabled(), 'torch._inductor' in sys.modules)\n")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert p.stdout.split()[-4:] == ["FLAGS", "True", "True", "False"], p.stdout + p.stderr[-2000:]
-    code = ("import sys\n"
-            "from freezebench.config import load_config\n"
-            "from freezebench.trainer.loop import Trainer\n"
-            f"t = Trainer(load_config({RUN[1:]!r} + ['trainer.compile=true', 'trainer.compile_backend=eager', "
-            "'tracking.enabled=false']))\n"
-            "import torch._inductor.config as ic\n"
-            "print('INDUCTOR', t.compiler is not None, ic.deterministic)\n")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert p.stdout.split()[-3:] == ["INDUCTOR", "True", "True"], p.stdout + p.stderr[-2000:]
-
-
 # --- MLflow in a second process (freezebench train) ------------------------------------------------------------
 RUN = ["train", "model.name=tiny", "data.name=synthetic", "data.synthetic_samples=160", "data.batch_size=16",
        "trainer.epochs=2", "trainer.max_steps_per_epoch=4", "policy=static", "policy.at_step=2",

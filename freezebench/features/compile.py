@@ -321,8 +321,6 @@ def attach(trainer: Any) -> CompiledTraining | None:
         raise ConfigError("trainer.compile is not supported under DDP (several processes) yet: DDP is re-wrapped "
                           "at every freeze event; set trainer.compile=false")
     check_backend(tc.compile_backend, tc.compile_mode)
-    if torch.are_deterministic_algorithms_enabled():  # the trainer set the kernels' flag only: inductor's too
-        torch.use_deterministic_algorithms(True, warn_only=torch.is_deterministic_algorithms_warn_only_enabled())
     compiled = CompiledTraining(trainer.freezer, backend=tc.compile_backend, mode=tc.compile_mode,
                                 keep_regions=type(trainer.policy).allows_unfreeze)
     if trainer.cache is not None:

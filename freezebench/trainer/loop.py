@@ -94,28 +94,13 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def use_deterministic_algorithms() -> None:
-    """``torch.use_deterministic_algorithms(True, warn_only=True)``, without importing ``torch._inductor``.
-
-    The public call also sets inductor's ``config.deterministic``, and importing that config imports all of
-    ``torch._inductor`` and ``torch._dynamo`` (about a fifth of a short run's start-up, issue 17). When inductor
-    is not loaded yet, only the kernels' flag is set here; ``trainer.compile`` makes the public call before
-    compiling (:func:`freezebench.features.compile.attach`).
-    """
-    set_flag = getattr(torch._C, "_set_deterministic_algorithms", None)
-    if set_flag is None or "torch._inductor.config" in sys.modules:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    else:
-        set_flag(True, warn_only=True)
-
-
 def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        use_deterministic_algorithms()
+        torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
 
