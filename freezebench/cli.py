@@ -13,7 +13,9 @@
 Start-up stays light: this module imports neither torch nor MLflow. ``--help`` and ``list`` read names from
 entry-point metadata and the registries' manifests (:mod:`freezebench.registry`); a sub-command from a plug-in
 (group ``freezebench.commands``) is loaded only when it is the command given, or for the overview of
-``--help``. Each command imports what it uses when it runs.
+``--help``. Each command imports what it uses when it runs. ``train`` starts MLflow in a second process
+before it imports torch (:class:`freezebench.trainer.tracking.TrackingProcess`; ``FREEZEBENCH_TRACKING_PROCESS=0``
+keeps it in this one), and the console script ends through :func:`exit_now`, skipping the interpreter's teardown.
 
 Errors a user can fix print one line (no traceback unless ``--debug``) and exit with status 2; a run that
 fails after it started is marked FAILED in MLflow (under ``mlflow run`` also one that failed before: it gets

@@ -411,7 +411,10 @@ def serve() -> None:
         signal.signal(s, signal.SIG_IGN)
     requests, answers = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # anything printed goes to stderr, not into the answers
-    hello = pickle.load(requests)
+    try:
+        hello = pickle.load(requests)
+    except (EOFError, OSError, pickle.UnpicklingError):  # the trainer's process is gone already
+        os._exit(0)
     sys.argv = hello["argv"]  # MLflow's source tags name the command line, as in one process
     debug = hello["debug"]
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
