@@ -2,7 +2,8 @@
 
     python benchmarks/bench_startup.py                    # 5 repeats of everything (~2-3 min on 2 quiet cores)
     python benchmarks/bench_startup.py --repeats 1 --job "policy=full trainer.epochs=1 trainer.max_steps_per_epoch=2"
-    /path/to/other/venv/bin/python benchmarks/bench_startup.py   # another install (e.g. an older commit)
+    python benchmarks/bench_startup.py --python /path/to/other/venv/bin/python   # another install (an older commit)
+    FREEZEBENCH_TRACKING_PROCESS=0 python benchmarks/bench_startup.py --no-light  # MLflow in the trainer's process
 
 Whole processes, timed from outside (``time.perf_counter`` around ``subprocess.run``), the median of
 ``--repeats`` runs each (default 5):
@@ -17,6 +18,12 @@ Whole processes, timed from outside (``time.perf_counter`` around ``subprocess.r
   train-start, ``job_last_step_to_exit_s`` is train-end -> the process has exited, ``job_training_s`` the
   span between, ``job_total_s`` the whole process. An install without phase lines (before issue 17) gets
   ``null`` phases and its totals only.
+- CPU seconds (less sensitive to a loaded machine than wall time, but not the targets): ``job_cpu_total_s``,
+  the job's processes together (the trainer, the MLflow process ``freezebench train`` starts, git);
+  ``job_cpu_to_first_step_s`` and ``job_cpu_last_step_to_exit_phase_s``, the trainer process's own CPU time up to
+  its first step and from its last step to its ``exit`` phase line (the interpreter's teardown after it is in
+  the wall time only); ``job_tracking_ready_s``, launch -> the MLflow process has imported MLflow (wall).
+  Installs whose phase lines carry no CPU field get ``null`` for the last two.
 
 Every child runs with ``MLFLOW_TRACKING_URI`` unset (the default store in the scratch folder) and
 ``PYTHONDONTWRITEBYTECODE`` unset (compiled bytecode is cached after the first run, as for a user). The load
@@ -28,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shlex
 import statistics
 import subprocess
@@ -45,24 +53,32 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _run(cmd: list[str], cwd: Path) -> tuple[float, float, float, str]:
-    """(launch unix time, exit unix time, wall seconds, stderr) of one process; fails loudly on error."""
+def _run(cmd: list[str], cwd: Path) -> tuple[float, float, float, str, float]:
+    """(launch unix time, exit unix time, wall seconds, stderr, CPU seconds of the process and the children it
+    waited for) of one process; fails loudly on error."""
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t_unix = time.time()
     t0 = time.perf_counter()
     p = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, stdin=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if p.returncode != 0:
         raise SystemExit(f"{shlex.join(cmd)} failed ({p.returncode}):\n{p.stderr[-3000:]}")
-    return t_unix, t_unix + wall, wall, p.stderr
+    cpu = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
+    return t_unix, t_unix + wall, wall, p.stderr, cpu
 
 
-def _phases(stderr: str) -> dict[str, float]:
+def _phases(stderr: str) -> tuple[dict[str, float], dict[str, float]]:
+    """The phase lines' unix times and (where printed, since issue 17's second round) CPU seconds."""
     out: dict[str, float] = {}
+    cpu: dict[str, float] = {}
     for line in stderr.splitlines():
         parts = line.strip().split()
-        if len(parts) == 3 and parts[0] == "freezebench-phase":
+        if len(parts) in (3, 4) and parts[0] == "freezebench-phase":
             out.setdefault(parts[1], float(parts[2]))
-    return out
+            if len(parts) == 4:
+                cpu.setdefault(parts[1], float(parts[3]))
+    return out, cpu
 
 
 def _median(xs: list[float]) -> float | None:
@@ -75,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--job", default="policy=full", help="overrides of the default job (space separated)")
     ap.add_argument("--python", default=sys.executable, help="the interpreter whose freezebench is measured")
     ap.add_argument("--no-job", action="store_true", help="time the light commands only")
+    ap.add_argument("--no-light", action="store_true", help="time the default job only")
     args = ap.parse_args(argv)
     fb = [args.python, "-m", "freezebench"]
     load_before = os.getloadavg()
@@ -85,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         light = {"help_s": ["--help"], "list_s": ["list"], "compare_help_s": ["compare", "--help"],
                  "config_s": ["config", "policy=static"]}
         _run([*fb, "--help"], cwd)  # untimed: bytecode compiled, caches warm
-        for key, sub in light.items():
+        for key, sub in ({} if args.no_light else light).items():
             times = [_run([*fb, *sub], cwd)[2] for _ in range(args.repeats)]
             res[key] = _median(times)
             print(f"{key:<28} median {res[key]:.3f} s  ({', '.join(f'{t:.3f}' for t in times)})", flush=True)
@@ -94,22 +111,34 @@ def main(argv: list[str] | None = None) -> int:
             first = _run(job, cwd)
             res["job_fresh_store_total_s"] = round(first[2], 4)
             print(f"{'job_fresh_store_total_s':<28} {first[2]:.3f} s (creates the MLflow store)", flush=True)
-            starts, ends, trains, totals = [], [], [], []
+            starts, ends, trains, totals, ready, cpus, start_cpus, end_cpus = [], [], [], [], [], [], [], []
             for _ in range(args.repeats):
-                launch, exit_, wall, err = _run(job, cwd)
-                ph = _phases(err)
+                launch, exit_, wall, err, cpu = _run(job, cwd)
+                ph, ph_cpu = _phases(err)
                 totals.append(wall)
+                cpus.append(cpu)
                 if "train-start" in ph and "train-end" in ph:
                     starts.append(ph["train-start"] - launch)
                     trains.append(ph["train-end"] - ph["train-start"])
                     ends.append(exit_ - ph["train-end"])
+                if "tracking-ready" in ph:
+                    ready.append(ph["tracking-ready"] - launch)
+                if "train-start" in ph_cpu and "train-end" in ph_cpu and "exit" in ph_cpu:
+                    start_cpus.append(ph_cpu["train-start"])
+                    end_cpus.append(ph_cpu["exit"] - ph_cpu["train-end"])
             res["job_total_s"] = _median(totals)
             res["job_start_to_first_step_s"] = _median(starts)
             res["job_training_s"] = _median(trains)
             res["job_last_step_to_exit_s"] = _median(ends)
-            for key in ("job_total_s", "job_start_to_first_step_s", "job_training_s", "job_last_step_to_exit_s"):
+            res["job_tracking_ready_s"] = _median(ready)
+            res["job_cpu_total_s"] = _median(cpus)
+            res["job_cpu_to_first_step_s"] = _median(start_cpus)
+            res["job_cpu_last_step_to_exit_phase_s"] = _median(end_cpus)
+            for key in ("job_total_s", "job_start_to_first_step_s", "job_training_s", "job_last_step_to_exit_s",
+                        "job_tracking_ready_s", "job_cpu_total_s", "job_cpu_to_first_step_s",
+                        "job_cpu_last_step_to_exit_phase_s"):
                 v = res[key]
-                print(f"{key:<28} median {'n/a (no phase lines)' if v is None else f'{v:.3f} s'}", flush=True)
+                print(f"{key:<34} median {'n/a (no such phase lines)' if v is None else f'{v:.3f} s'}", flush=True)
     res["loadavg_before"] = [round(x, 2) for x in load_before]
     res["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     res["cpus"] = os.cpu_count()

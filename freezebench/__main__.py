@@ -1,7 +1,5 @@
 """``python -m freezebench``: the same as the ``freezebench`` command."""
 
-import sys
+from .cli import run
 
-from .cli import main
-
-sys.exit(main())
+run()

@@ -13,7 +13,9 @@
 Start-up stays light: this module imports neither torch nor MLflow. ``--help`` and ``list`` read names from
 entry-point metadata and the registries' manifests (:mod:`freezebench.registry`); a sub-command from a plug-in
 (group ``freezebench.commands``) is loaded only when it is the command given, or for the overview of
-``--help``. Each command imports what it uses when it runs.
+``--help``. Each command imports what it uses when it runs. ``train`` starts MLflow in a second process
+before it imports torch (:class:`freezebench.trainer.tracking.TrackingProcess`; ``FREEZEBENCH_TRACKING_PROCESS=0``
+keeps it in this one), and the console script ends through :func:`exit_now`, skipping the interpreter's teardown.
 
 Errors a user can fix print one line (no traceback unless ``--debug``) and exit with status 2; a run that
 fails after it started is marked FAILED in MLflow (under ``mlflow run`` also one that failed before: it gets
@@ -32,6 +34,8 @@ from . import metrics as M
 
 #: commands of the core; every other one comes from the ``freezebench.commands`` entry-point group
 CORE_COMMANDS = ("train", "config", "list")
+#: environment switch: 0 keeps ``freezebench train``'s MLflow calls in its own process (no second process)
+TRACKING_PROCESS_ENV = "FREEZEBENCH_TRACKING_PROCESS"
 DEFAULT_POLICY = "full"  # the dataclass default of config.py and MLproject's `policy` default say the same
 
 
@@ -122,13 +126,25 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import os
+
     from .config import load_config
     from .errors import TrainingInterrupted
     from .messages import ending_lines, frozen_text
-    from .trainer.loop import Trainer
 
     cfg = load_config(split_overrides(args.overrides), preset=args.config)
-    trainer = Trainer(cfg)
+    process = None
+    # torchrun: rank 0 tracks; MLflow imported already (a caller of main()): nothing to overlap;
+    # FREEZEBENCH_TRACKING_PROCESS=0 keeps MLflow in this process
+    if (cfg.tracking.enabled and os.environ.get("RANK", "0") == "0" and "mlflow" not in sys.modules
+            and os.environ.get(TRACKING_PROCESS_ENV, "1").strip().lower() not in ("0", "false", "no", "off")):
+        from .trainer.tracking import TrackingProcess
+
+        # MLflow's imports run in a second process while this one imports torch and builds data and model
+        process = TrackingProcess.spawn(cfg.tracking.uri, debug=getattr(args, "debug", False))
+    from .trainer.loop import Trainer
+
+    trainer = Trainer(cfg, tracking_process=process)
     try:
         result = trainer.fit()
     except TrainingInterrupted as e:  # SIGTERM/SIGINT: a checkpoint was written; exit as the signal would
@@ -218,5 +234,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         phase("exit")
 
 
+def exit_now(code: int | None) -> None:
+    """End the process with ``code`` as ``sys.exit`` would, without the interpreter's teardown.
+
+    What a normal exit does that matters is done: non-daemon threads are joined, the ``atexit`` callbacks run
+    (logging's flush, MLflow's), stdout and stderr are flushed. What is skipped is freeing every module and
+    object one by one, which after torch and MLflow were imported takes a second or more of a short run's end
+    (issue 17); the operating system reclaims the memory at once. Without ``atexit._run_exitfuncs`` (another
+    Python): a plain ``sys.exit``.
+    """
+    import atexit
+    import os
+    import threading
+
+    run_exitfuncs = getattr(atexit, "_run_exitfuncs", None)
+    code = 0 if code is None else code
+    if run_exitfuncs is None or not isinstance(code, int):
+        sys.exit(code)
+    for t in threading.enumerate():
+        if t is not threading.current_thread() and not t.daemon:
+            t.join()
+    run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (`| head`): nothing more can be written anyway
+            pass
+    os._exit(code)
+
+
+def run() -> None:
+    """The ``freezebench`` console script and ``python -m freezebench``: :func:`main`, then :func:`exit_now`.
+
+    (In-process callers, tests among them, call :func:`main`, which returns the exit status.)
+    """
+    exit_now(main())
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    run()

@@ -147,9 +147,10 @@ def track(items: Iterable[T], desc: str, unit: str = "it", total: int | None = N
             p.advance()
 
 
-#: environment switch: set to 1, the trainer and the CLI print ``freezebench-phase NAME UNIXTIME`` lines to
-#: stderr (train-start: the first training step is next; train-end: the last step and its evaluation done;
-#: exit: the command returns), which benchmarks/bench_startup.py reads
+#: environment switch: set to 1, the trainer and the CLI print ``freezebench-phase NAME UNIXTIME CPUSECONDS``
+#: lines to stderr (train-start: the first training step is next; train-end: the last step and its evaluation
+#: done; exit: the command returns; tracking-ready: the MLflow process has imported MLflow; CPUSECONDS: the
+#: printing process's CPU time so far), which benchmarks/bench_startup.py reads
 PHASES_ENV = "FREEZEBENCH_PHASES"
 
 
@@ -158,7 +159,7 @@ def phase(name: str) -> None:
     if os.environ.get(PHASES_ENV):
         import time
 
-        print(f"freezebench-phase {name} {time.time():.6f}", file=sys.stderr, flush=True)
+        print(f"freezebench-phase {name} {time.time():.6f} {time.process_time():.4f}", file=sys.stderr, flush=True)
 
 
 def _live_bars() -> list[Any]:

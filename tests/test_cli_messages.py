@@ -250,7 +250,7 @@ def test_phase_lines_only_when_asked(monkeypatch, capsys):
     assert capsys.readouterr().err == ""
     monkeypatch.setenv(progress.PHASES_ENV, "1")
     progress.phase("train-start")
-    assert re.fullmatch(r"freezebench-phase train-start \d+\.\d{6}\n", capsys.readouterr().err)
+    assert re.fullmatch(r"freezebench-phase train-start \d+\.\d{6} \d+\.\d{4}\n", capsys.readouterr().err)
 
 
 @pytest.mark.slow

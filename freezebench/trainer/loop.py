@@ -158,7 +158,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: DictConfig, *, model: torch.nn.Module | None = None, data: DataBundle | None = None,
-                 policy: FreezePolicy | None = None, hooks: Sequence[Hook] = ()):
+                 policy: FreezePolicy | None = None, hooks: Sequence[Hook] = (), tracking_process: Any = None):
         self.cfg = cfg
         self._setup_parallel()
         self._setup_data(data)
@@ -172,7 +172,8 @@ class Trainer:
         self.resumed_from: dict[str, Any] | None = self._resume()  # may set tracking.run_id
         # resumed from a finished checkpoint whose end was never logged: fit() only closes the run
         self._closing = self.resumed_from is not None and self.resumed_from["finished"]
-        self.tracker: NullTracker = make_tracker(cfg.tracking) if self.rank == 0 else NullTracker()
+        # tracking_process: MLflow warmed up in a second process (freezebench.trainer.tracking.TrackingProcess)
+        self.tracker: NullTracker = make_tracker(cfg.tracking, tracking_process) if self.rank == 0 else NullTracker()
 
     # --- assembly ------------------------------------------------------------------------------------
     def _setup_parallel(self) -> None:
