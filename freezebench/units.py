@@ -11,6 +11,10 @@ pass (module hooks), so any ``nn.Module`` works, not only the zoo:
 * granularity ``block``: layer units are grouped by their *block*: the outermost enclosing module whose
   parent is an ``nn.Sequential``/``nn.ModuleList``/``nn.ModuleDict`` (a ResNet ``BasicBlock``, a ViT
   ``EncoderBlock``, a MobileNet ``InvertedResidual``). Ops outside any container stay units of their own.
+  A model may declare its blocks itself: a method ``freezebench_blocks()`` returning a list of blocks, each
+  a list of qualified module names (a module belongs to the first block naming it or an ancestor; the
+  block's output is its last named module's). The text models do (:mod:`freezebench.zoo.text`): a BERT's
+  blocks are its embeddings, each encoder layer, and the pooler with the classifier as the head.
 
 The last unit in forward order is the classifier head and is never frozen. Parameters of modules that
 never ran in the traced forward (e.g. ``MultiheadAttention.out_proj``, used functionally) join the unit of
@@ -181,19 +185,22 @@ def partition(model: nn.Module, example: torch.Tensor, granularity: str = "layer
     for m in named.values():
         handles.append(m.register_forward_pre_hook(pre_hook))
         handles.append(m.register_forward_hook(post_hook))
-    if example.shape[0] < 2:  # training-mode BatchNorm needs two values per channel
+    if isinstance(example, dict):  # a text batch: {input_ids, attention_mask} (freezebench.zoo.text)
+        batch = next(iter(example.values())).shape[0]
+    elif example.shape[0] < 2:  # training-mode BatchNorm needs two values per channel
         example = torch.cat([example, example])
     try:
         with training_trace(model), FlopCounterMode(display=False) as counter:
             model(example)
     except RuntimeError as e:  # the model cannot take inputs of this shape (data.image_size, channels)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"{type(model).__name__} cannot take inputs of shape {tuple(example.shape[1:])}: {first} "
+        shape = tuple(next(iter(example.values())).shape[1:]) if isinstance(example, dict) else tuple(example.shape[1:])
+        raise ConfigError(f"{type(model).__name__} cannot take inputs of shape {shape}: {first} "
                           "(check data.image_size and the model's input size)") from None
     finally:
         for h in handles:
             h.remove()
-    batch = example.shape[0]
+    batch = next(iter(example.values())).shape[0] if isinstance(example, dict) else example.shape[0]
     root = type(model).__name__
     inclusive = {
         (k[len(root) + 1 :] if k.startswith(root + ".") else ("" if k == root else None)): float(sum(v.values()))
@@ -232,7 +239,10 @@ def partition(model: nn.Module, example: torch.Tensor, granularity: str = "layer
         group_of[name] = group_of[anc]
 
     ran = set(order)
-    if granularity == "block":
+    declared = model.freezebench_blocks() if callable(getattr(model, "freezebench_blocks", None)) else None
+    if granularity == "block" and declared:
+        groups, group_names, outputs = _declared_blocks(groups, named, declared)
+    elif granularity == "block":
         groups, group_names = _merge_blocks(groups, named)
         outputs = [named[n if n != "<root>" else ""] for n in group_names]
     else:
@@ -312,6 +322,37 @@ def _merge_blocks(groups: list[list[str]], named: dict[str, nn.Module]) -> tuple
             merged.append(list(g))
             owners.append(owner or "<root>")
     return merged, owners
+
+
+def _declared_blocks(groups: list[list[str]], named: dict[str, nn.Module],
+                     blocks: Sequence[Sequence[str]]) -> tuple[list[list[str]], list[str], list[nn.Module]]:
+    """Layer groups merged into the blocks a model declares (``freezebench_blocks()``); groups no block names
+    stay units of their own."""
+    def block_of(name: str) -> int | None:
+        for b, prefixes in enumerate(blocks):
+            if any(name == p or name.startswith(p + ".") for p in prefixes):
+                return b
+        return None
+
+    merged: list[list[str]] = []
+    names: list[str] = []
+    outputs: list[nn.Module] = []
+    index: dict[Any, int] = {}
+    for g in groups:
+        b = block_of(g[0])
+        key = ("block", b) if b is not None else ("own", g[0])
+        if key in index:
+            merged[index[key]].extend(g)
+            continue
+        index[key] = len(merged)
+        merged.append(list(g))
+        if b is None:
+            names.append(g[0] or "<root>")
+            outputs.append(named[g[0]])
+        else:
+            names.append("+".join(blocks[b]))
+            outputs.append(named[blocks[b][-1]])
+    return merged, names, outputs
 
 
 def capture_outputs(model: nn.Module, units: Sequence[Unit], indices: Iterable[int], x: torch.Tensor,

@@ -59,6 +59,7 @@ class EpochSums:
     correct: torch.Tensor
     samples: int = 0
     flops: float = 0.0
+    flops_full: float = 0.0  # text: what full training of the epoch's batches (at their lengths) would spend
     policy_before: float = 0.0  # TrainState.policy_time when the epoch started (less a resumed part's)
     loop_before: float = 0.0  # loop seconds of this epoch before a resume
     loop_s: float = 0.0  # loop seconds of the epoch (set when its last step is done)
@@ -70,7 +71,7 @@ class EpochSums:
 
     def to_checkpoint(self, policy_time: float, loop_s: float) -> dict[str, Any]:
         """The partial sums in the checkpoint's ``epoch_acc`` layout."""
-        return {"samples": self.samples, "flops_epoch": self.flops, "loss_sum": self.loss_sum.detach().cpu(),
+        return {"samples": self.samples, "flops_epoch": self.flops, "flops_full": self.flops_full, "loss_sum": self.loss_sum.detach().cpu(),
                 "correct": self.correct.cpu(), "policy_s": policy_time - self.policy_before, "loop_s": loop_s}
 
     @classmethod
@@ -78,6 +79,7 @@ class EpochSums:
         """The sums of an epoch stopped at a step boundary, to continue it."""
         sums = cls.start(device, policy_time - part["policy_s"])
         sums.samples, sums.flops = part["samples"], part["flops_epoch"]
+        sums.flops_full = part.get("flops_full", 0.0)
         sums.loss_sum += part["loss_sum"].to(device)
         sums.correct += part["correct"].to(device)
         sums.loop_before = part["loop_s"]
