@@ -25,7 +25,8 @@ Each unit carries its forward FLOPs per sample counted by ``torch.utils.flop_cou
 (2 FLOPs per multiply-add; matmul/conv/attention kernels only, as the counter defines them), in a
 *training-mode* forward (:func:`training_trace`): an eval-mode trace would send ``nn.MultiheadAttention``
 down PyTorch's fused fast path, which the counter does not see. FLOPs of a
-module are *exclusive* of nested ops that form units of their own.
+module are *exclusive* of nested ops that form units of their own; the FLOPs of a parameterless module that
+calls units (a Hugging Face self-attention's scores and weighted values) join the unit of the last one it ran.
 """
 
 from __future__ import annotations
@@ -260,6 +261,22 @@ def partition(model: nn.Module, example: torch.Tensor, granularity: str = "layer
         outer = [n for n in nested if not any(o != n and n.startswith(o + ".") for o in nested)]
         return own - sum(inclusive.get(n, 0.0) for n in outer)
 
+    # FLOPs of parameterless modules outside every unit that call units (a Hugging Face self-attention: the
+    # attention scores and weighted values between its query/key/value projections and the output) join the
+    # unit of the last unit op they ran, so that a training step counts their backward pass too
+    final_of = {n: i for i, g in enumerate(groups) for n in g}
+    ran_members = [n for n in order if n in final_of]
+    extra = [0.0] * len(groups)
+    for name in inclusive:
+        if not name or name in final_of or any(name.startswith(m + ".") for m in member if m):
+            continue
+        inner = [k for k in inclusive if k and k.startswith(name + ".")]  # modules that ran (a ModuleList never does)
+        outer = [k for k in inner if not any(k.startswith(o + ".") for o in inner)]
+        own = inclusive[name] - sum(inclusive[k] for k in outer)
+        desc = [n for n in ran_members if n.startswith(name + ".")]
+        if own > 0 and desc:
+            extra[final_of[desc[-1]]] += own
+
     units: list[Unit] = []
     seen_params: set[int] = set()
     for i, g in enumerate(groups):
@@ -274,7 +291,7 @@ def partition(model: nn.Module, example: torch.Tensor, granularity: str = "layer
                 seen_params.add(id(p))
                 params.append(p)
                 pnames.append(f"{n}.{pn}" if n else pn)
-        flops = sum(exclusive(n) for n in g) / batch
+        flops = (sum(exclusive(n) for n in g) + extra[i]) / batch
         units.append(
             Unit(
                 index=i,

@@ -52,6 +52,7 @@ def require_transformers() -> Any:
         raise FreezebenchError(f"text models and data need Hugging Face transformers (the nlp extra), which is "
                                f"not installed: {NLP_EXTRA}") from None
     transformers.logging.set_verbosity_error()  # its load reports go to the log below instead
+    transformers.logging.disable_progress_bar()
     return transformers
 
 
@@ -165,13 +166,19 @@ def build_text_model(name: str, *, num_classes: int, vocab_size: int, max_length
 
 def load_tokenizer(path: str) -> Any:
     """The tokenizer saved in ``path`` (a model folder or a name in the local cache), read offline."""
+    import os
+
     tf = require_transformers()
+    files = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
+    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in files):
+        raise FreezebenchError(f"no tokenizer found in {path!r} (expected tokenizer.json or vocab.txt with "
+                               f"tokenizer_config.json, as tokenizer.save_pretrained writes them, beside the model)")
     try:
         tok = tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, TypeError, KeyError) as e:
         raise FreezebenchError(f"no tokenizer found in {path!r} (expected tokenizer.json or vocab.txt with "
                                f"tokenizer_config.json, as tokenizer.save_pretrained writes them, beside the "
                                f"model; read offline): {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
-    if tok is None or isinstance(tok, bool):
+    if tok is None or isinstance(tok, bool) or len(tok) <= len(set(tok.all_special_ids)):
         raise FreezebenchError(f"no tokenizer found in {path!r}: save one beside the model (tokenizer.save_pretrained)")
     return tok
