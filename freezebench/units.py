@@ -14,7 +14,9 @@ pass (module hooks), so any ``nn.Module`` works, not only the zoo:
   A model may declare its blocks itself: a method ``freezebench_blocks()`` returning a list of blocks, each
   a list of qualified module names (a module belongs to the first block naming it or an ancestor; the
   block's output is its last named module's). The text models do (:mod:`freezebench.zoo.text`): a BERT's
-  blocks are its embeddings, each encoder layer, and the pooler with the classifier as the head.
+  blocks are its embeddings, each encoder layer, and the pooler with the classifier as the head. Likewise
+  ``freezebench_layer_units()`` names modules kept whole at layer granularity (a BERT's embeddings: word,
+  position and segment embeddings and their LayerNorm are one unit, whose output is per input).
 
 The last unit in forward order is the classifier head and is never frozen. Parameters of modules that
 never ran in the traced forward (e.g. ``MultiheadAttention.out_proj``, used functionally) join the unit of
@@ -241,11 +243,16 @@ def partition(model: nn.Module, example: torch.Tensor, granularity: str = "layer
 
     ran = set(order)
     declared = model.freezebench_blocks() if callable(getattr(model, "freezebench_blocks", None)) else None
+    layer_groups = model.freezebench_layer_units() if callable(getattr(model, "freezebench_layer_units", None)) \
+        else None
     if granularity == "block" and declared:
         groups, group_names, outputs = _declared_blocks(groups, named, declared)
     elif granularity == "block":
         groups, group_names = _merge_blocks(groups, named)
         outputs = [named[n if n != "<root>" else ""] for n in group_names]
+    elif layer_groups:  # modules the model keeps whole at layer granularity too (a BERT's embeddings)
+        groups, group_names, outputs = _declared_blocks(groups, named, layer_groups,
+                                                        own_output=lambda g: named[[n for n in g if n in ran][-1]])
     else:
         group_names = [g[0] or "<root>" for g in groups]
         outputs = [named[[n for n in g if n in ran][-1]] for g in groups]
@@ -341,10 +348,11 @@ def _merge_blocks(groups: list[list[str]], named: dict[str, nn.Module]) -> tuple
     return merged, owners
 
 
-def _declared_blocks(groups: list[list[str]], named: dict[str, nn.Module],
-                     blocks: Sequence[Sequence[str]]) -> tuple[list[list[str]], list[str], list[nn.Module]]:
-    """Layer groups merged into the blocks a model declares (``freezebench_blocks()``); groups no block names
-    stay units of their own."""
+def _declared_blocks(groups: list[list[str]], named: dict[str, nn.Module], blocks: Sequence[Sequence[str]],
+                     own_output: Any = None) -> tuple[list[list[str]], list[str], list[nn.Module]]:
+    """Layer groups merged into the blocks a model declares (``freezebench_blocks()`` or, at layer granularity,
+    ``freezebench_layer_units()``); groups no block names stay units of their own (output: ``own_output(g)``,
+    by default the group's first module)."""
     def block_of(name: str) -> int | None:
         for b, prefixes in enumerate(blocks):
             if any(name == p or name.startswith(p + ".") for p in prefixes):
@@ -365,7 +373,7 @@ def _declared_blocks(groups: list[list[str]], named: dict[str, nn.Module],
         merged.append(list(g))
         if b is None:
             names.append(g[0] or "<root>")
-            outputs.append(named[g[0]])
+            outputs.append(own_output(g) if own_output is not None else named[g[0]])
         else:
             names.append("+".join(blocks[b]))
             outputs.append(named[blocks[b][-1]])

@@ -120,6 +120,7 @@ class TextBatches(ImageBatches):
     def __init__(self, info: Any):
         super().__init__(info)
         self.lengths: LengthCost | None = None
+        self.hf_path: str | None = None
 
     def check(self, cfg: Any, world_size: int) -> None:
         tc = cfg.trainer
@@ -141,6 +142,7 @@ class TextBatches(ImageBatches):
         from ..zoo.text import build_text_model
 
         mc, info = cfg.model, self.info
+        self.hf_path = mc.hf_path
         if mc.name not in TEXT_MODELS.names():
             kind = "an image model" if mc.name in MODELS.names() else "not a text model"
             raise UnknownNameError(f"model.name={mc.name} is {kind} but data.name={cfg.data.name} is text: use one of "
@@ -204,7 +206,7 @@ class TextBatches(ImageBatches):
 
     def payload(self) -> dict[str, Any]:
         return {"modality": "text", "vocab_size": self.info.vocab_size, "max_length": self.info.max_length,
-                "task": self.info.task}
+                "task": self.info.task, "hf_path": self.hf_path}
 
 
 def adapter_for(info: Any) -> ImageBatches:

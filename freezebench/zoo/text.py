@@ -66,6 +66,12 @@ class TextClassifier(nn.Module):
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.hf(**inputs).logits
 
+    def freezebench_layer_units(self) -> list[list[str]]:
+        """At layer granularity the embeddings are one unit (word, position and segment embeddings and their
+        LayerNorm: the position embedding alone is the same for every input)."""
+        blocks = self.freezebench_blocks()
+        return blocks[:1]
+
     def freezebench_blocks(self) -> list[list[str]]:
         """Embeddings, each encoder layer, and the head (everything after the encoder: pooler, classifier)."""
         base = self.hf.base_model
