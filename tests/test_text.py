@@ -234,3 +234,19 @@ def test_trainer_features_text_cannot_have_refuse_in_one_line(capsys, key):
                                          (["data.name=digits", "model.name=bert_tiny"], "is a text model")])
 def test_model_and_data_of_different_modalities(capsys, args, expect):
     assert expect in _cli(capsys, [*TEXT, *args])
+
+
+def test_autofreeze_on_bert_scores_encoder_layers_front_to_back():
+    """AutoFreeze (Liu et al. 2021) at block granularity with score_first=false: the encoder layers are
+    scored, M times per epoch; the embeddings freeze with the first layer that freezes."""
+    trainer = Trainer(load_config(["policy=autofreeze", *TEXT, "model.granularity=block", "trainer.epochs=3",
+                                   "trainer.max_steps_per_epoch=4", "policy.evals_per_epoch=2",
+                                   "policy.score_first=false", "policy.percentile=100"]))
+    assert trainer.policy._tracked == [1, 2]  # encoder layers 0 and 1; not the embeddings, not the head
+    decided = []
+    decide = trainer.policy.decide
+    trainer.policy.decide = lambda step: decided.append(step) or decide(step)
+    trainer.fit()
+    assert decided[:2] == [2, 4]  # M = 2 evaluations per 4-step epoch
+    steps = {e.unit: e.step for e in trainer.freezer.events}
+    assert 1 in steps and steps[0] == steps[1]  # percentile 100: layer 0 freezes at the 2nd evaluation
