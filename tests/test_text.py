@@ -241,7 +241,7 @@ def test_autofreeze_on_bert_scores_encoder_layers_front_to_back():
     scored, M times per epoch; the embeddings freeze with the first layer that freezes."""
     trainer = Trainer(load_config(["policy=autofreeze", *TEXT, "model.granularity=block", "trainer.epochs=3",
                                    "trainer.max_steps_per_epoch=4", "policy.evals_per_epoch=2",
-                                   "policy.score_first=false", "policy.percentile=100"]))
+                                   "policy.percentile=100"]))  # score_first: null -> false (an embedding first)
     assert trainer.policy._tracked == [1, 2]  # encoder layers 0 and 1; not the embeddings, not the head
     decided = []
     decide = trainer.policy.decide
