@@ -353,3 +353,33 @@ def glue(cfg: Any, *, seed: int, device: Any) -> DataBundle:
         train, val = (t if t[2] is not None else (t[0], t[1], torch.zeros_like(t[0]), t[3]) for t in (train, val))
     return _bundle(f"glue_{task}", train, val, spec.num_classes, len(tok), cfg, seed, device, task=task,
                    tokenizer=str(cfg.tokenizer))
+
+
+def check_local_inputs(cfg: Any, what: str = "this run") -> None:
+    """One line naming what a GLUE run lacks on this machine (its task's files, the model or its tokenizer),
+    before anything is trained (``freezebench suite`` checks every grid point first)."""
+    import os
+
+    if cfg.data.name != "glue":
+        return
+    task, spec = _task(cfg.data)
+    folder = _task_folder(Path(cfg.data.root).expanduser(), spec)
+    if not (folder / "dataset_dict.json").is_file():
+        for name in ("train.tsv", spec.dev):
+            if not (folder / name).is_file():
+                raise DatasetNotFoundError(f"{what} needs the GLUE {spec.folder} files: expected {folder / name} "
+                                           f"(set data.root to the folder holding {spec.folder}/)")
+    for key, path in (("model.hf_path", cfg.model.hf_path if cfg.model.name == "hf" else None),
+                      ("data.tokenizer", cfg.data.tokenizer)):
+        if not path or os.path.isdir(path):
+            continue
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(str(path), "config.json" if key == "model.hf_path" else "tokenizer_config.json")
+        except Exception:  # not a repository name, or huggingface_hub missing
+            cached = None
+        if not isinstance(cached, str):
+            raise DatasetNotFoundError(f"{what} needs {key}={path!r} on this machine: neither a folder nor in the "
+                                       f"local Hugging Face cache (nothing is downloaded); pass {key}=<folder>")
+
