@@ -250,3 +250,15 @@ def test_autofreeze_on_bert_scores_encoder_layers_front_to_back():
     assert decided[:2] == [2, 4]  # M = 2 evaluations per 4-step epoch
     steps = {e.unit: e.step for e in trainer.freezer.events}
     assert 1 in steps and steps[0] == steps[1]  # percentile 100: layer 0 freezes at the 2nd evaluation
+
+
+def test_sieving_composes_with_length_bucketing():
+    """data.sieve on text: the sieve's partial set is what the loader buckets (shuffle -> sieve -> buckets)."""
+    trainer = Trainer(load_config([*TEXT, "data.sieve.enabled=true", "data.sieve.ratio=0.5",
+                                   "trainer.max_steps_per_epoch=null", "data.bucket_batches=2"]))
+    loader = trainer.data.train
+    loader.set_epoch(0)
+    seen = [i for _, _, idx in loader for i in idx.tolist()]
+    assert sorted(seen) == sorted(trainer.sieve.partial.tolist()) and len(seen) == trainer.sieve.m
+    h = trainer.fit().history
+    assert [r["data/samples_per_epoch"] for r in h] == [float(trainer.sieve.m)] * 2

@@ -98,3 +98,21 @@ def test_text_run_resumes_bit_for_bit(name, request, tmp_path):
     assert all(torch.equal(v, resumed.model.state_dict()[k]) for k, v in ref.model.state_dict().items())
     assert [_untimed(h) for h in result.history] == [_untimed(h) for h in expected.history]
     assert result.events == expected.events
+
+
+@pytest.mark.slow
+def test_text_under_two_gloo_processes(mlflow_uri, tmp_path):
+    """DDP on text: each rank trains its own shard (bucketed after sharding), every rank freezes the same units
+    and ends with the same model; the evaluation's confusion counts are summed over the ranks."""
+    from test_ddp import _torchrun
+
+    args = [*TEXT, "policy=autofreeze", "model.granularity=block", "policy.evals_per_epoch=2",
+            "tracking.run_name=ddp-text"]
+    proc = _torchrun(2, tmp_path, args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert ranks[0]["events"] == ranks[1]["events"]
+    assert all(torch.equal(ranks[0]["state"][k], ranks[1]["state"][k]) for k in ranks[0]["state"])
+    assert set(ranks[0]["shard"]).isdisjoint(ranks[1]["shard"])
+    assert ranks[0]["history"][-1]["val/acc"] == ranks[1]["history"][-1]["val/acc"]
+    assert "val/score" in ranks[0]["history"][-1]
