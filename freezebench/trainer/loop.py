@@ -265,7 +265,6 @@ class Trainer:
         self._pending_sums: EpochSums | None = None  # the partial sums of the epoch a resumed run continues
         self._t_start = time.perf_counter()
         self.step_cost = self.cost.step_flops(self.freezer.frozen)  # changes only when the frozen set does
-        self.val_metrics: dict[str, float] = {}  # the latest evaluation's task metrics (text; images: none)
 
     def _build_cache(self) -> PrefixCache | None:
         """The frozen-prefix cache when ``trainer.cache_frozen_prefix`` (refused under random augmentation)."""
@@ -467,7 +466,7 @@ class Trainer:
         extra = [] if confusion is None else confusion.tolist()
         loss_total, correct_total, n, *extra = self.parallel.sum([loss_sum.item(), correct.item(), n, *extra],
                                                                  self.device)
-        self.val_metrics = self.batch.val_metrics(extra or None)
+        self.state.val_metrics = self.batch.val_metrics(extra or None)
         return loss_total / max(n, 1), correct_total / max(n, 1)
 
     # --- the loop ------------------------------------------------------------------------------------
@@ -628,7 +627,7 @@ class Trainer:
             M.PEAK_MB: peak_memory_mb(self.device),
             M.LR: state.lr_factor * self.cfg.optim.lr,
             M.SAMPLES_PER_EPOCH: float(samples),
-            **self.val_metrics,  # text: val/f1, val/mcc, val/score (freezebench.zoo.text_data.task_metrics)
+            **state.val_metrics,  # text: val/f1, val/mcc, val/score (freezebench.zoo.text_data.task_metrics)
         }
         for h in self.hooks:
             m.update(h.epoch_metrics())

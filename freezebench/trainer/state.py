@@ -28,6 +28,7 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)  # per-epoch metrics
     val_loss: float = math.nan  # the latest evaluation
     val_acc: float = math.nan
+    val_metrics: dict[str, float] = field(default_factory=dict)  # the latest evaluation's task metrics (text)
     policy_time: float = 0.0  # seconds spent in the policy (observe / decide / apply)
     elapsed_before: float = 0.0  # seconds the run had taken before it was resumed
     lr_factor: float = 1.0  # the schedule's learning-rate multiplier at the latest step
@@ -38,7 +39,8 @@ class TrainState:
     def accounting(self, elapsed_s: float) -> dict[str, Any]:
         """The accounting part of a checkpoint (``elapsed_s``: the run's seconds so far)."""
         return {"tflops": self.tflops, "tflops_full": self.tflops_full, "history": [dict(h) for h in self.history],
-                "val_loss": self.val_loss, "val_acc": self.val_acc, "elapsed_s": elapsed_s,
+                "val_loss": self.val_loss, "val_acc": self.val_acc, "val_metrics": dict(self.val_metrics),
+                "elapsed_s": elapsed_s,
                 "policy_time": self.policy_time}
 
     def load(self, position: dict[str, Any], accounting: dict[str, Any], lr_factor: float) -> None:
@@ -46,6 +48,7 @@ class TrainState:
         self.tflops, self.tflops_full = float(accounting["tflops"]), float(accounting["tflops_full"])
         self.history = [dict(h) for h in accounting["history"]]
         self.val_loss, self.val_acc = float(accounting["val_loss"]), float(accounting["val_acc"])
+        self.val_metrics = {k: float(v) for k, v in accounting.get("val_metrics", {}).items()}
         self.policy_time = float(accounting["policy_time"])
         self.elapsed_before = float(accounting["elapsed_s"])
         self.lr_factor = float(lr_factor)
