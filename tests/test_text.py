@@ -262,3 +262,25 @@ def test_sieving_composes_with_length_bucketing():
     assert sorted(seen) == sorted(trainer.sieve.partial.tolist()) and len(seen) == trainer.sieve.m
     h = trainer.fit().history
     assert [r["data/samples_per_epoch"] for r in h] == [float(trainer.sieve.m)] * 2
+
+
+def test_text_suites_plan_and_name_missing_files(capsys, tmp_path):
+    from freezebench.sweeps.plan import plan_suite
+    from freezebench.sweeps.suite import load_suite
+
+    [row] = plan_suite(load_suite("text_demo_suite"))
+    assert (row.model, row.dataset, row.runs, row.epochs, row.train_samples) == ("bert_tiny", "text_demo", 10, 3, 1280)
+    line = one_line(capsys, main(["suite", "table_a1", f"data.root={tmp_path}", "--storage",
+                                  f"sqlite:///{tmp_path}/o.db"]))
+    assert f"expected {tmp_path}/MRPC/train.tsv" in line
+
+
+@pytest.mark.slow
+def test_table_a1_plan_is_bert_base_at_128_tokens():
+    from freezebench.sweeps.plan import plan_suite
+    from freezebench.sweeps.suite import load_suite
+
+    rows = plan_suite(load_suite("table_a1"))
+    assert [(r.dataset, r.runs, r.train_samples, r.image_size) for r in rows] == [("glue_mrpc", 12, 3668, 128),
+                                                                                 ("glue_cola", 12, 8551, 128)]
+    assert 60 < rows[0].gflops_per_sample < 70  # 3 x (2 x 85M weights x 128 tokens + attention), about 67
