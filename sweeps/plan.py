@@ -89,7 +89,7 @@ def _text_plan_row(cfg: Any, runs: int, paper: float | None) -> PlanRow:
         info = build_data(d, seed=0, device="cpu").info
         classes, vocab, length, n = info.num_classes, info.vocab_size, info.max_length, info.num_train
     else:
-        from freezebench.zoo.text_data import GLUE, _task
+        from freezebench.zoo.text_data import _task
 
         task, spec = _task(d)
         classes, vocab, length, n = spec.num_classes, BERT_VOCAB, int(d.max_length), GLUE_TRAIN[task]

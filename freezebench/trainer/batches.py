@@ -15,8 +15,10 @@ no image / text branches:
   (what policies and the unit table see, ``units.gflops_per_sample_full``) are at the longest sequence of the
   data (the logged parameter ``units.flops_length``).
 
-Both give the forward (``model(x)``), the per-sample losses (cross-entropy), the evaluation's confusion counts
-and the features a modality cannot have (:meth:`check`: one line naming the key to change).
+Both give the batch preparation (channels-last images), the forward (``model(x)``: a text model takes the
+input dict), the per-sample losses (cross-entropy), the model, the units and their FLOPs, the step's FLOPs,
+the evaluation's confusion counts and task metrics, and the features a modality cannot have (:meth:`check`:
+one line naming the key to change).
 """
 
 from __future__ import annotations
@@ -40,6 +42,21 @@ class ImageBatches:
 
     def __init__(self, info: Any):
         self.info = info
+        self.channels_last = False  # set by the trainer (trainer.channels_last on CUDA)
+
+    def prepare(self, x: Any) -> Any:
+        """The batch's inputs as the model takes them (images: channels_last when asked for)."""
+        if self.channels_last and isinstance(x, torch.Tensor) and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def forward(self, model: torch.nn.Module, x: Any) -> torch.Tensor:
+        """The logits (a text model takes the input dict itself, :class:`freezebench.zoo.text.TextClassifier`)."""
+        return model(x)
+
+    def losses(self, out: torch.Tensor, y: torch.Tensor, reduction: str = "none") -> torch.Tensor:
+        """Per-sample cross-entropy (``reduction="sum"``: their sum), in float32."""
+        return F.cross_entropy(out.float(), y, reduction=reduction)
 
     def check(self, cfg: Any, world_size: int) -> None:
         pass

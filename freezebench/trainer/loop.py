@@ -42,7 +42,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from .. import __version__, faults
@@ -59,7 +58,7 @@ from ..messages import epoch_line, position_text
 from ..progress import phase
 from ..policy import Decision, FreezePolicy, Plan, Signal, Signals
 from ..registry import POLICIES
-from ..units import Partition, capture_outputs, partition
+from ..units import Partition, capture_outputs
 from ..zoo.data import DataBundle, build_data
 from . import checkpoint as ckpt
 from . import distributed
@@ -216,6 +215,7 @@ class Trainer:
         self._channels_last = bool(tc.channels_last and self.device.type == "cuda")
         if self._channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.batch.channels_last = self._channels_last
         self.train_model: torch.nn.Module = self.model  # what the training step calls (DDP wraps the model)
         if policy is None:
             policy = POLICIES.get(cfg.policy.name)(OmegaConf.to_object(cfg.policy))
@@ -355,7 +355,7 @@ class Trainer:
         """The model's training forward pass; through the frozen-prefix cache when there is one, which also
         sets ``step_cost`` to this step's FLOPs per sample (skipped prefix forwards are not counted)."""
         if self.cache is None:
-            return self.train_model(x) if self.compiler is None else self.compiler(self.train_model)(x)
+            return self.batch.forward(self.train_model if self.compiler is None else self.compiler(self.train_model), x)
         out = self.cache.forward(x, idx, self.freezer.frozen)
         self.step_cost = self.cache.last_flops_per_sample
         return out
@@ -451,11 +451,10 @@ class Trainer:
         confusion = None  # text: counts per (label, prediction), for F1 / Matthews correlation
         n = 0
         for x, y, _ in self.data.val:
-            if self._channels_last and isinstance(x, torch.Tensor) and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = self.batch.prepare(x)
             with self.autocast():
-                out = self.model(x)
-            loss_sum += F.cross_entropy(out.float(), y, reduction="sum")
+                out = self.batch.forward(self.model, x)
+            loss_sum += self.batch.losses(out, y, reduction="sum")
             pred = out.argmax(1)
             correct += (pred == y).sum()
             counts = self.batch.confusion(pred, y)
@@ -564,12 +563,11 @@ class Trainer:
     def train_step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, sums: EpochSums) -> torch.Tensor:
         """One optimiser step on the batch ``(x, y, idx)``, added to ``sums``, then the step hooks; the loss."""
         state = self.state
-        if self._channels_last and isinstance(x, torch.Tensor) and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = self.batch.prepare(x)  # the batch adapter (freezebench.trainer.batches): image tensors or text dicts
         self._set_lr(state.step)
         with self.autocast():
             out = self.forward(x, idx)
-        losses = F.cross_entropy(out.float(), y, reduction="none")
+        losses = self.batch.losses(out, y)
         loss = losses.mean()
         if faults.ARMED and state.batch == self.plan.steps_per_epoch // 2:  # test-only SIGKILL (faults.py)
             faults.at("mid_step", state.epoch + 1)
