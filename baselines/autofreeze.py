@@ -37,7 +37,12 @@ Details that are ours (the paper and reference code leave them open or do someth
   freeze at one evaluation. Ties at the threshold do not freeze. Once a single active unit is left, the
   policy stops accumulating and evaluating (nothing could freeze any more).
 * **Scope.** Every freezable unit (the head excluded) is a candidate, the stem included; the reference
-  code for BERT only scores the 12 encoder layers (not the embeddings).
+  code for BERT only scores the 12 encoder layers (not the embeddings). ``score_first=false`` does that:
+  the first unit (a BERT's embeddings, at block granularity: embeddings, each encoder layer, pooler and
+  classifier as the head) is not scored and is frozen together with the first unit the rule freezes, so
+  on BERT the rule runs over the encoder layers front to back, ``M`` times per epoch, as in the paper.
+  The default (``null``) does so when the first unit holds an ``nn.Embedding`` (a text model), and scores
+  every unit otherwise.
 * **Mechanics.** The shared freezer removes frozen parameters from the optimiser and keeps the rest of
   its state; the reference code rebuilds the optimiser (state reset). No activation caching here.
 
@@ -69,6 +74,7 @@ class AutoFreezeConfig(PolicyConfig):
     name: str = "autofreeze"
     evals_per_epoch: int = 4  # M: gradient-norm evaluations per epoch (SmartFRZ Table 9); >= 1
     percentile: float = 50.0  # N: threshold = N-th percentile (linear interpolation) of r over active units, 0-100
+    score_first: bool | None = None  # score the first unit (the stem) too; false: it freezes with the next unit (the reference code on BERT: encoder layers only); null: false when the first unit is a token embedding (text models), else true
 
 
 # --- pure core ----------------------------------------------------------------------------------------
@@ -142,8 +148,11 @@ class AutoFreeze(FreezePolicy):
     def setup(self, units, plan: Plan) -> None:
         super().setup(units, plan)
         self.validate_config(self.cfg)
+        first = self.cfg.score_first
+        self._score_first = bool(first) if first is not None else not (
+            units and any(isinstance(m, torch.nn.Embedding) for m in units[0].modules))
         self._offsets = frozenset(eval_offsets(plan.steps_per_epoch, self.cfg.evals_per_epoch))
-        self._tracked: list[int] = self._candidates(self.active_units())  # units whose gradients are accumulated
+        self._tracked: list[int] = self._candidates(self._scored(self.active_units()))  # units whose gradients are accumulated
         self._acc: dict[int, list[torch.Tensor]] = {u: self._zeros(u) for u in self._tracked}
         self._steps = 0  # steps accumulated since the last evaluation
         self._evals = 0  # evaluations done
@@ -156,6 +165,10 @@ class AutoFreeze(FreezePolicy):
         """The units still to track: with fewer than two active units the rule can never freeze again
         (a lone unit's ``r`` is its own threshold), so accumulation stops for good."""
         return active if len(active) >= 2 else []
+
+    def _scored(self, active: list[int]) -> list[int]:
+        """The active units the rule scores: all, or (``score_first=false``) all but the first unit."""
+        return active if self._score_first else [u for u in active if u != 0]
 
     def _zeros(self, unit: int) -> list[torch.Tensor]:
         return [torch.zeros_like(p, dtype=torch.float32) for p in self.units[unit].parameters]
@@ -220,12 +233,13 @@ class AutoFreeze(FreezePolicy):
             return None
         thr = percentile_linear(r, self.cfg.percentile)
         shown = ", ".join(f"{u}:{x:.3g}" for u, x in zip(active[: k + 1], r[: k + 1]))
-        return Decision(freeze=active[:k],
+        freeze = active[:k] if self._score_first or 0 not in self.active_units() else [0, *active[:k]]
+        return Decision(freeze=freeze,
                         reason=f"grad-norm change r < p{self.cfg.percentile:g} = {thr:.3g} ({shown})")
 
     def notify_frozen(self, frozen: frozenset[int]) -> None:
         super().notify_frozen(frozen)
-        keep = self._candidates([u for u in self._tracked if u not in frozen])
+        keep = self._candidates(self._scored([u for u in self._tracked if u not in frozen]))
         if keep != self._tracked:
             for u in set(self._tracked) - set(keep):
                 self._acc.pop(u, None)

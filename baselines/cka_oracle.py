@@ -185,13 +185,23 @@ def build_reference(path: str, units: Sequence[Any], device: str | torch.device,
         if template is not None:
             model = copy.deepcopy(template)
             load_checkpoint(model, str(name), path)
+        elif payload.get("modality") == "text":  # a text model (freezebench.zoo.text), rebuilt the same way
+            from freezebench.zoo.text import build_text_model
+
+            model = build_text_model(str(name), num_classes=payload["num_classes"], vocab_size=payload["vocab_size"],
+                                     max_length=payload["max_length"], hf_path=payload.get("hf_path"),
+                                     checkpoint=path)
         else:
             model = build_model(str(name), num_classes=payload["num_classes"], in_channels=payload["in_channels"],
                                 image_size=payload["image_size"], checkpoint=path)
     except FreezebenchError as e:
         raise ConfigError(f"policy.reference={path!r}: {e}") from e
     model = model.to(device).eval().requires_grad_(False)
-    example = example_batch(payload["in_channels"], payload["image_size"]).to(device)
+    if payload.get("modality") == "text":  # two sequences of 8 tokens (the units do not depend on the length)
+        example = {"input_ids": torch.ones(2, 8, dtype=torch.long, device=device),
+                   "attention_mask": torch.ones(2, 8, dtype=torch.long, device=device)}
+    else:
+        example = example_batch(payload["in_channels"], payload["image_size"]).to(device)
     want = [(u.name, list(u.module_names)) for u in units]
     names = [u.name for u in units]
     ref_units = None
@@ -277,14 +287,15 @@ class CKAOracle(FreezePolicy):
 
     def _reference_grams(self, probe: torch.Tensor) -> dict[int, torch.Tensor]:
         """The reference side of CKA, once: the reference and the probe batch are both fixed."""
-        if self._ref_grams is None or next(iter(self._ref_grams.values())).shape[0] != probe.shape[0]:
+        n = len(next(iter(probe.values()))) if isinstance(probe, dict) else probe.shape[0]  # text: a dict batch
+        if self._ref_grams is None or next(iter(self._ref_grams.values())).shape[0] != n:
             if self.reference is None:  # released after the first computation; a new probe size needs it
                 raise FreezebenchError("the CKA oracle's probe batch changed size after its reference was released")
             from freezebench.units import capture_outputs
 
             outs = capture_outputs(self.reference, self.reference_units, self.freezable, probe)
             self._ref_grams = {i: gram_linear(y) for i, y in outs.items()}
-            log.info("cka_oracle: reference Grams cached for %d units on %d probe inputs", len(outs), probe.shape[0])
+            log.info("cka_oracle: reference Grams cached for %d units on %d probe inputs", len(outs), n)
             del outs
             # every unit's Gram is cached: release the model (its units hold references to its modules)
             self.reference = self.reference_units = None

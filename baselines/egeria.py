@@ -285,7 +285,8 @@ class Egeria(FreezePolicy):
             self._skeleton = copy.deepcopy(model).to("cpu", torch.float32)
             for p in self._skeleton.parameters():
                 p.requires_grad_(False)
-            self._probe_cpu = probe.detach().to("cpu", torch.float32)
+            self._probe_cpu = ({k: v.detach().to("cpu") for k, v in probe.items()} if isinstance(probe, dict)
+                               else probe.detach().to("cpu", torch.float32))  # a text batch: token ids stay ints
         state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         outputs = {u: n for u, n in self._outputs.items()}
         if self.pending is not None:

@@ -191,9 +191,10 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from .registry import DATASETS, MODELS, POLICIES
+    from .registry import DATASETS, MODELS, POLICIES, TEXT_MODELS
 
-    for title, reg in (("policies", POLICIES), ("models", MODELS), ("datasets", DATASETS)):
+    for title, reg in (("policies", POLICIES), ("models", MODELS), ("text models", TEXT_MODELS),
+                       ("datasets", DATASETS)):
         print(f"{title}: {', '.join(reg.names())}")
     return 0
 

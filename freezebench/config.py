@@ -34,7 +34,8 @@ class ModelConfig:
     pretrained: bool = False  # load torchvision's ImageNet weights (needs them cached locally or internet)
     checkpoint: str | None = None  # start from these weights (a freezebench checkpoint or a state dict)
     granularity: str = "auto"  # units to freeze: layer | block | auto (the policy's own preference)
-    reinit_head: bool = False  # with checkpoint: keep a new classifier head (the last nn.Linear), load the rest (fine-tuning on other classes)
+    reinit_head: bool = False  # with checkpoint: keep a new classifier head (the last nn.Linear), load the rest (fine-tuning on other classes); hf: allow a checkpoint head of another label count (it is re-initialised)
+    hf_path: str | None = None  # model.name=hf: a local model folder (save_pretrained) or a name in the local Hugging Face cache, read offline
 
 
 @dataclass
@@ -47,7 +48,7 @@ class SieveConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "digits"  # digits (embedded default) | cifar10 | cifar100 | imagefolder | synthetic
+    name: str = "digits"  # digits (embedded default) | cifar10 | cifar100 | imagefolder | synthetic | text_demo | glue (text: the nlp extra)
     root: str = "./data"  # folder holding CIFAR / ImageFolder data
     download: bool = False  # download CIFAR into root when absent (needs the internet)
     batch_size: int = 32  # training batch size (the SmartFRZ paper uses 32)
@@ -63,6 +64,11 @@ class DataConfig:
     synthetic_classes: int = 4  # synthetic: number of classes
     synthetic_size: int = 8  # synthetic: image side in pixels
     synthetic_channels: int = 3  # synthetic: image channels
+    task: str | None = None  # glue: mrpc | cola | sst2 | rte | qnli | qqp | mnli
+    tokenizer: str | None = "${model.hf_path}"  # glue: folder (or local cache name) of the tokenizer; default the model's (model.hf_path)
+    max_length: int = 128  # text: truncate sequences to this many tokens (batches are padded to their longest)
+    bucket_batches: int = 50  # text: length bucketing, each run of this many batches sorted by length (0 or 1: off)
+    text_samples: int = 2000  # text_demo: number of sequences (train + val)
     sieve: SieveConfig = field(default_factory=SieveConfig)  # data sieving: the `data.sieve.*` keys below
 
 
@@ -78,8 +84,9 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    name: str = "cosine"  # cosine (annealed per step to min_lr_factor) | constant | step
+    name: str = "cosine"  # cosine (annealed per step to min_lr_factor) | constant | step | linear (decays linearly to min_lr_factor: the BERT recipe, with optim.name=adamw and warmup_fraction=0.1)
     warmup_epochs: float = 0.0  # linear warm-up length in epochs (fractions allowed)
+    warmup_fraction: float = 0.0  # linear warm-up length as a fraction of all training steps (BERT: 0.1); used when warmup_epochs is 0
     min_lr_factor: float = 0.0  # cosine: final lr as a fraction of optim.lr
     milestones: list[float] = field(default_factory=list)  # step: epochs at which lr is multiplied by gamma
     gamma: float = 0.1  # step: multiplicative decay at each milestone
@@ -153,7 +160,7 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.granularity": ("auto", "layer", "block"),
     "optim.name": ("sgd", "adamw"),
-    "schedule.name": ("cosine", "constant", "step"),
+    "schedule.name": ("cosine", "constant", "step", "linear"),
     "trainer.precision": ("fp32", "bf16", "fp16"),
     "trainer.cache_dtype": ("bf16", "fp16", "fp32"),
     "trainer.cache_location": ("device", "cpu", "disk"),
@@ -332,6 +339,10 @@ RANGES: dict[str, Range] = {
     "sparsity.mask_every": Range(0),  # 0: a fixed mask
     "sparsity.update_fraction": Range(0, 1),
     "sparsity.update_until": Range(0, 1),
+    "data.max_length": Range(2),
+    "data.bucket_batches": Range(0),
+    "data.text_samples": Range(4),
+    "schedule.warmup_fraction": Range(0, 1, hi_open=True),
     "data.sieve.ratio": Range(0, 1, lo_open=True),
     "data.sieve.period": Range(1),
     "data.sieve.swap": Range(0, 1, lo_open=True),

@@ -15,6 +15,10 @@ TRAIN_LOSS = "train/loss"  # mean training loss of the epoch's samples
 TRAIN_ACC = "train/acc"
 VAL_LOSS = "val/loss"  # the latest evaluation (every trainer.eval_every epochs and the last)
 VAL_ACC = "val/acc"
+# text tasks (freezebench.zoo.text_data.task_metrics), as GLUE defines them (Wang et al., ICLR 2019)
+VAL_F1 = "val/f1"  # F1 of the positive class: MRPC, QQP
+VAL_MCC = "val/mcc"  # Matthews correlation: CoLA
+VAL_SCORE = "val/score"  # the task's main metric (CoLA: mcc; MRPC, QQP: f1; the others and text_demo: acc)
 TIME_EPOCH_S = "time/epoch_s"  # training loop + evaluation
 TIME_TRAIN_S = "time/train_s"  # training loop minus policy time (and compile time, trainer.compile)
 TIME_EVAL_S = "time/eval_s"

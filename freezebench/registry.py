@@ -115,7 +115,9 @@ def _policy_registry() -> Registry[Any]:
 BUILTIN_MODELS = ("resnet20", "resnet32", "resnet56", "resnet18", "resnet50", "vgg11_bn", "mobilenet_v2",
                   "deit_tiny", "tiny", "mlp")
 #: the names :mod:`freezebench.zoo.data` registers
-BUILTIN_DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagefolder")
+BUILTIN_DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagefolder", "glue", "text_demo")
+#: the names :mod:`freezebench.zoo.text` registers (text classifiers; the ``nlp`` extra)
+BUILTIN_TEXT_MODELS = ("bert_tiny", "bert_mini", "bert_small", "hf")
 
 POLICIES: Registry[Any] = _policy_registry()
 MODELS: Registry[Callable[..., Any]] = Registry(
@@ -124,4 +126,10 @@ MODELS: Registry[Callable[..., Any]] = Registry(
 DATASETS: Registry[Callable[..., Any]] = Registry(
     "dataset", group="freezebench.datasets", builtin_modules=("freezebench.zoo.data",),
     builtin_names=BUILTIN_DATASETS,
+)
+#: text classifiers (``model.name`` on text data): a registry of their own, since their factories take a text
+#: specification instead of image sizes (:func:`freezebench.zoo.text.build_text_model`)
+TEXT_MODELS: Registry[Callable[..., Any]] = Registry(
+    "text model", group="freezebench.text_models", builtin_modules=("freezebench.zoo.text",),
+    builtin_names=BUILTIN_TEXT_MODELS,
 )

@@ -11,6 +11,12 @@ pass (module hooks), so any ``nn.Module`` works, not only the zoo:
 * granularity ``block``: layer units are grouped by their *block*: the outermost enclosing module whose
   parent is an ``nn.Sequential``/``nn.ModuleList``/``nn.ModuleDict`` (a ResNet ``BasicBlock``, a ViT
   ``EncoderBlock``, a MobileNet ``InvertedResidual``). Ops outside any container stay units of their own.
+  A model may declare its blocks itself: a method ``freezebench_blocks()`` returning a list of blocks, each
+  a list of qualified module names (a module belongs to the first block naming it or an ancestor; the
+  block's output is its last named module's). The text models do (:mod:`freezebench.zoo.text`): a BERT's
+  blocks are its embeddings, each encoder layer, and the pooler with the classifier as the head. Likewise
+  ``freezebench_layer_units()`` names modules kept whole at layer granularity (a BERT's embeddings: word,
+  position and segment embeddings and their LayerNorm are one unit, whose output is per input).
 
 The last unit in forward order is the classifier head and is never frozen. Parameters of modules that
 never ran in the traced forward (e.g. ``MultiheadAttention.out_proj``, used functionally) join the unit of
@@ -21,7 +27,8 @@ Each unit carries its forward FLOPs per sample counted by ``torch.utils.flop_cou
 (2 FLOPs per multiply-add; matmul/conv/attention kernels only, as the counter defines them), in a
 *training-mode* forward (:func:`training_trace`): an eval-mode trace would send ``nn.MultiheadAttention``
 down PyTorch's fused fast path, which the counter does not see. FLOPs of a
-module are *exclusive* of nested ops that form units of their own.
+module are *exclusive* of nested ops that form units of their own; the FLOPs of a parameterless module that
+calls units (a Hugging Face self-attention's scores and weighted values) join the unit of the last one it ran.
 """
 
 from __future__ import annotations
@@ -181,19 +188,22 @@ def partition(model: nn.Module, example: torch.Tensor, granularity: str = "layer
     for m in named.values():
         handles.append(m.register_forward_pre_hook(pre_hook))
         handles.append(m.register_forward_hook(post_hook))
-    if example.shape[0] < 2:  # training-mode BatchNorm needs two values per channel
+    if isinstance(example, dict):  # a text batch: {input_ids, attention_mask} (freezebench.zoo.text)
+        batch = next(iter(example.values())).shape[0]
+    elif example.shape[0] < 2:  # training-mode BatchNorm needs two values per channel
         example = torch.cat([example, example])
     try:
         with training_trace(model), FlopCounterMode(display=False) as counter:
             model(example)
     except RuntimeError as e:  # the model cannot take inputs of this shape (data.image_size, channels)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"{type(model).__name__} cannot take inputs of shape {tuple(example.shape[1:])}: {first} "
+        shape = tuple(next(iter(example.values())).shape[1:]) if isinstance(example, dict) else tuple(example.shape[1:])
+        raise ConfigError(f"{type(model).__name__} cannot take inputs of shape {shape}: {first} "
                           "(check data.image_size and the model's input size)") from None
     finally:
         for h in handles:
             h.remove()
-    batch = example.shape[0]
+    batch = next(iter(example.values())).shape[0] if isinstance(example, dict) else example.shape[0]
     root = type(model).__name__
     inclusive = {
         (k[len(root) + 1 :] if k.startswith(root + ".") else ("" if k == root else None)): float(sum(v.values()))
@@ -232,9 +242,17 @@ def partition(model: nn.Module, example: torch.Tensor, granularity: str = "layer
         group_of[name] = group_of[anc]
 
     ran = set(order)
-    if granularity == "block":
+    declared = model.freezebench_blocks() if callable(getattr(model, "freezebench_blocks", None)) else None
+    layer_groups = model.freezebench_layer_units() if callable(getattr(model, "freezebench_layer_units", None)) \
+        else None
+    if granularity == "block" and declared:
+        groups, group_names, outputs = _declared_blocks(groups, named, declared)
+    elif granularity == "block":
         groups, group_names = _merge_blocks(groups, named)
         outputs = [named[n if n != "<root>" else ""] for n in group_names]
+    elif layer_groups:  # modules the model keeps whole at layer granularity too (a BERT's embeddings)
+        groups, group_names, outputs = _declared_blocks(groups, named, layer_groups,
+                                                        own_output=lambda g: named[[n for n in g if n in ran][-1]])
     else:
         group_names = [g[0] or "<root>" for g in groups]
         outputs = [named[[n for n in g if n in ran][-1]] for g in groups]
@@ -250,6 +268,22 @@ def partition(model: nn.Module, example: torch.Tensor, granularity: str = "layer
         outer = [n for n in nested if not any(o != n and n.startswith(o + ".") for o in nested)]
         return own - sum(inclusive.get(n, 0.0) for n in outer)
 
+    # FLOPs of parameterless modules outside every unit that call units (a Hugging Face self-attention: the
+    # attention scores and weighted values between its query/key/value projections and the output) join the
+    # unit of the last unit op they ran, so that a training step counts their backward pass too
+    final_of = {n: i for i, g in enumerate(groups) for n in g}
+    ran_members = [n for n in order if n in final_of]
+    extra = [0.0] * len(groups)
+    for name in inclusive:
+        if not name or name in final_of or any(name.startswith(m + ".") for m in member if m):
+            continue
+        inner = [k for k in inclusive if k and k.startswith(name + ".")]  # modules that ran (a ModuleList never does)
+        outer = [k for k in inner if not any(k.startswith(o + ".") for o in inner)]
+        own = inclusive[name] - sum(inclusive[k] for k in outer)
+        desc = [n for n in ran_members if n.startswith(name + ".")]
+        if own > 0 and desc:
+            extra[final_of[desc[-1]]] += own
+
     units: list[Unit] = []
     seen_params: set[int] = set()
     for i, g in enumerate(groups):
@@ -264,7 +298,7 @@ def partition(model: nn.Module, example: torch.Tensor, granularity: str = "layer
                 seen_params.add(id(p))
                 params.append(p)
                 pnames.append(f"{n}.{pn}" if n else pn)
-        flops = sum(exclusive(n) for n in g) / batch
+        flops = (sum(exclusive(n) for n in g) + extra[i]) / batch
         units.append(
             Unit(
                 index=i,
@@ -312,6 +346,38 @@ def _merge_blocks(groups: list[list[str]], named: dict[str, nn.Module]) -> tuple
             merged.append(list(g))
             owners.append(owner or "<root>")
     return merged, owners
+
+
+def _declared_blocks(groups: list[list[str]], named: dict[str, nn.Module], blocks: Sequence[Sequence[str]],
+                     own_output: Any = None) -> tuple[list[list[str]], list[str], list[nn.Module]]:
+    """Layer groups merged into the blocks a model declares (``freezebench_blocks()`` or, at layer granularity,
+    ``freezebench_layer_units()``); groups no block names stay units of their own (output: ``own_output(g)``,
+    by default the group's first module)."""
+    def block_of(name: str) -> int | None:
+        for b, prefixes in enumerate(blocks):
+            if any(name == p or name.startswith(p + ".") for p in prefixes):
+                return b
+        return None
+
+    merged: list[list[str]] = []
+    names: list[str] = []
+    outputs: list[nn.Module] = []
+    index: dict[Any, int] = {}
+    for g in groups:
+        b = block_of(g[0])
+        key = ("block", b) if b is not None else ("own", g[0])
+        if key in index:
+            merged[index[key]].extend(g)
+            continue
+        index[key] = len(merged)
+        merged.append(list(g))
+        if b is None:
+            names.append(g[0] or "<root>")
+            outputs.append(own_output(g) if own_output is not None else named[g[0]])
+        else:
+            names.append("+".join(blocks[b]))
+            outputs.append(named[blocks[b][-1]])
+    return merged, names, outputs
 
 
 def capture_outputs(model: nn.Module, units: Sequence[Unit], indices: Iterable[int], x: torch.Tensor,

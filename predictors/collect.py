@@ -185,7 +185,9 @@ def _record(overrides: Sequence[str], seed: int, probe_seed: int, *, tailor_size
     rec = Recorder(tailor_size=tailor_size, record_every=record_every, checks_per_epoch=checks_per_epoch,
                    seed=tailor_seed)
     trainer = Trainer(cfg, policy=rec)
-    probe_x = trainer.data.probe_batch(cfg.trainer.probe_batch_size, seed=probe_seed)[0].to(trainer.device)
+    probe_x = trainer.data.probe_batch(cfg.trainer.probe_batch_size, seed=probe_seed)[0]
+    probe_x = ({k: v.to(trainer.device) for k, v in probe_x.items()} if isinstance(probe_x, dict)  # text batch
+               else probe_x.to(trainer.device))
     rec.probe_fn = lambda ids: trainer.unit_activations(ids, x=probe_x)
     init_hash = state_hash(trainer.model.state_dict())
     result = trainer.fit()
@@ -208,7 +210,7 @@ def _record(overrides: Sequence[str], seed: int, probe_seed: int, *, tailor_size
         "grams": torch.stack(rec.grams),
         "tailor_seed": int(tailor_seed),
         "probe_seed": int(probe_seed),
-        "probe_size": int(probe_x.shape[0]),
+        "probe_size": int(len(next(iter(probe_x.values()))) if isinstance(probe_x, dict) else probe_x.shape[0]),
         "init_hash": init_hash,
         "val_acc": float(result.metrics.get("val/acc", float("nan"))),
     }

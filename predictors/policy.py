@@ -54,6 +54,14 @@ Details that are ours:
   together: ROC AUC 0.742, accuracy 0.686, precision 0.413, recall 0.648, F1 0.504 (the previous family,
   trained without deit_tiny, vgg11_bn with AdamW and resnet56 at batch 64: 0.716, 0.669, 0.388, 0.585,
   0.467); per run in the README.
+* **Text (transformers).** The shipped family was trained on CNN runs only. Measured on four ``bert_tiny``
+  runs of the embedded text task (``freezebench predictor collect`` at layer granularity, two
+  configurations: AdamW lr 1e-3 batch 32, seeds 0/1, and lr 5e-4 batch 16, seeds 2/3; 4 epochs; the same
+  CKA-oracle labels), the previous default predictor (window 30, tailor 1024, before the retraining above) ranks well, ROC AUC 0.783 over 504
+  samples (per run 0.749 to 0.822; the CNN test runs: 0.716), but its decisions at the stored threshold
+  agree poorly with the oracle: precision 0.150, recall 0.279, F1 0.195 (CNN test runs: 0.467), with only
+  8.5 % of the samples labelled "freeze". So a text-trained predictor (or at least a threshold chosen on
+  text runs) is needed before SmartFRZ's text results stand for the paper's method; none is shipped yet.
 * **Labels.** The CKA-oracle rule of the ``cka_oracle`` baseline (one implementation,
   :mod:`freezebench.analysis.oracle`: debiased linear CKA, a 2-epoch window), against the final weights of
   the same configuration trained with another seed (:mod:`.collect`).

@@ -20,6 +20,7 @@ import io
 from dataclasses import dataclass
 from typing import Any
 
+from freezebench.cost import CostModel
 from freezebench.errors import FreezebenchError
 
 # dataset -> (classes, channels, native image side, training samples): enough to plan without the files
@@ -65,9 +66,72 @@ def _data_shape(cfg: Any) -> tuple[int, int, int, int]:
     return classes, channels, int(d.image_size or side), n
 
 
+#: GLUE training-set sizes (Wang et al., ICLR 2019, Table 1), for planning without the files
+GLUE_TRAIN = {"mrpc": 3_668, "cola": 8_551, "sst2": 67_349, "rte": 2_490, "qnli": 104_743, "qqp": 363_846,
+              "mnli": 392_702}
+#: the uncased/cased BERT-base vocabulary (Devlin et al. 2019), when the tokenizer is not on this machine
+BERT_VOCAB = 30_522
+
+
+def _text_plan_row(cfg: Any, runs: int, paper: float | None) -> PlanRow:
+    """A text (model, dataset): full-training FLOPs at ``data.max_length`` tokens per sequence (an upper bound:
+    runs count every batch at its own padded length), from the model's architecture alone."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from freezebench.trainer.batches import TextBatches
+
+    d = cfg.data
+    if d.name == "text_demo":
+        from freezebench.zoo.data import build_data
+
+        info = build_data(d, seed=0, device="cpu").info
+        classes, vocab, length, n = info.num_classes, info.vocab_size, info.max_length, info.num_train
+    else:
+        from freezebench.zoo.text_data import _task
+
+        task, spec = _task(d)
+        classes, vocab, length, n = spec.num_classes, BERT_VOCAB, int(d.max_length), GLUE_TRAIN[task]
+    if d.train_subset is not None:
+        n = min(n, int(d.train_subset))
+    model = _text_architecture(cfg, classes, vocab, length)
+    info = SimpleNamespace(max_length=length, num_classes=classes, task=None)
+    probe = {"input_ids": torch.ones(2, length, dtype=torch.long), "attention_mask": torch.ones(2, length)}
+    part = TextBatches(info).partition(model, probe, "layer")
+    per_sample = CostModel([u.flops for u in part], part.other_flops).full_step_flops
+    samples = n if not cfg.trainer.max_steps_per_epoch else min(n, cfg.trainer.max_steps_per_epoch * cfg.data.batch_size)
+    tflops = cfg.trainer.epochs * samples * per_sample / 1e12
+    name = str(cfg.model.hf_path) if cfg.model.name == "hf" else str(cfg.model.name)
+    return PlanRow(model=name, dataset=f"{d.name}_{d.task}" if d.name == "glue" else str(d.name), runs=runs,
+                   epochs=int(cfg.trainer.epochs), image_size=length, train_samples=samples,
+                   gflops_per_sample=per_sample / 1e9, tflops_full=tflops, paper_tflops_full=paper,
+                   ratio=tflops / paper if paper else None)
+
+
+def _text_architecture(cfg: Any, classes: int, vocab: int, length: int) -> Any:
+    """The text model's architecture, randomly initialised (no weights read): ``model.hf_path``'s config.json
+    when it is on this machine, BERT-base's for a ``bert-base-*`` name that is not."""
+    from freezebench.zoo.text import TextClassifier, build_text_model, require_transformers
+
+    if cfg.model.name != "hf":
+        return build_text_model(str(cfg.model.name), num_classes=classes, vocab_size=vocab, max_length=length)
+    tf = require_transformers()
+    path = str(cfg.model.hf_path)
+    try:
+        config = tf.AutoConfig.from_pretrained(path, local_files_only=True, num_labels=classes)
+    except (OSError, ValueError):
+        if not path.rstrip("/").split("/")[-1].startswith("bert-base"):
+            raise FreezebenchError(f"--plan needs the config.json of model.hf_path={path!r} on this machine (or a "
+                                   f"bert-base-* name, planned as BERT-base)") from None
+        config = tf.BertConfig(num_labels=classes)  # the defaults are BERT-base's
+    return TextClassifier(tf.AutoModelForSequenceClassification.from_config(config))
+
+
 def plan_row(cfg: Any, runs: int, paper: float | None) -> PlanRow:
     """The plan of one (model, dataset) from a resolved config."""
-    from freezebench.cost import CostModel
+    if cfg.data.name in ("glue", "text_demo"):
+        return _text_plan_row(cfg, runs, paper)
     from freezebench.units import example_batch, partition
     from freezebench.zoo.models import architecture_only, build_model
 
@@ -97,14 +161,15 @@ def plan_suite(suite: Any, overrides: list[str] | None = None, seeds: list[int] 
         plain = {k: v for k, v in point.items() if k != "policy" and not k.startswith("policy.")}
         over = [o for o in space.trial_overrides(plain) if not o.split("=", 1)[0].strip().startswith("policy")]
         cfg = load_config([*over, "policy=full"])
-        key = (str(cfg.model.name), str(cfg.data.name))
+        key = (str(cfg.model.name), str(cfg.data.name), str(cfg.data.task), str(cfg.model.hf_path))
         groups.setdefault(key, []).append(point)
         cfgs.setdefault(key, cfg)
     paper = suite.paper_tflops or {}
     rows = []
     for key, points in groups.items():
         extra = (1 if suite.reference else 0) + (1 if suite.source else 0)  # reference / source runs
-        rows.append(plan_row(cfgs[key], len(points) * len(space.seeds) + extra, paper.get(key[0])))
+        rows.append(plan_row(cfgs[key], len(points) * len(space.seeds) + extra,
+                             paper.get(key[0]) if key[1] != "glue" else paper.get(str(cfgs[key].data.task))))
     return rows
 
 

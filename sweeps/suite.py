@@ -242,6 +242,24 @@ def source_overrides(suite: Suite, overrides: list[str], *, storage: str | None,
     return [f"model.checkpoint={path}"]
 
 
+def _check_local_inputs(suite: Suite, overrides: list[str], seeds: list[int] | None) -> None:
+    """Before anything trains: one line naming the local files a grid point lacks (GLUE data, a model)."""
+    from freezebench.config import load_config
+
+    space = suite.space.with_(overrides=list(overrides), seeds=seeds)
+    seen = set()
+    for point in space.grid():
+        plain = {k: v for k, v in point.items() if k != "policy" and not k.startswith("policy.")}
+        over = [o for o in space.trial_overrides(plain) if not o.split("=", 1)[0].strip().startswith("policy")]
+        cfg = load_config([*over, "policy=full"])
+        key = (cfg.data.name, cfg.data.task, cfg.data.root, cfg.model.hf_path)
+        if cfg.data.name == "glue" and key not in seen:
+            seen.add(key)
+            from freezebench.zoo.text_data import check_local_inputs
+
+            check_local_inputs(cfg, f"suite {suite.name}")
+
+
 def run_suite(name: str, overrides: list[str] | None = None, seeds: list[int] | None = None, storage: str | None = None,
               out: str | None = None, run: bool = True, echo: Any = print, **sweep_kw: Any) -> tuple[Any, Path, str | None]:
     """Run the suite's sweeps (unless ``run`` is false), then build, write and log its report."""
@@ -257,6 +275,7 @@ def run_suite(name: str, overrides: list[str] | None = None, seeds: list[int] | 
     experiment = _setting(all_over, "tracking.experiment", "freezebench")
     uri = resolve_uri(_setting(all_over, "tracking.uri", None))
     if run:
+        _check_local_inputs(suite, overrides, seeds)
         overrides = overrides + source_overrides(suite, overrides, storage=storage, echo=echo, **sweep_kw)
         for study, space in stages(suite, overrides, seeds):
             say(f"suite {suite.name}: sweep {study} ({len(space.grid()) * len(space.seeds)} trials)")

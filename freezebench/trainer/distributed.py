@@ -227,10 +227,10 @@ class DataParallel(SingleProcess):
         return any_rank(flag, device)
 
     def reduce_epoch(self, sums: Any, model: torch.nn.Module) -> None:
-        s, f, ls, c = all_reduce_sum([sums.samples, sums.flops, sums.loss_sum.item(), sums.correct.item()],
-                                     sums.loss_sum.device)
+        s, f, ls, c, ff = all_reduce_sum([sums.samples, sums.flops, sums.loss_sum.item(), sums.correct.item(),
+                                          sums.flops_full], sums.loss_sum.device)
         broadcast_buffers(model)
-        sums.samples, sums.flops = int(s), f
+        sums.samples, sums.flops, sums.flops_full = int(s), f, ff
         sums.loss_sum, sums.correct = torch.tensor(ls), torch.tensor(int(c))
 
     def wrap(self, model: torch.nn.Module, device: torch.device, old: Any = None) -> torch.nn.Module:

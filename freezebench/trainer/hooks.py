@@ -287,7 +287,8 @@ class TrackingHook(Hook):
         """Parameters, config and unit table; a run tracked only from a resume on gets the earlier epochs."""
         tr.tracker.log_params({**flatten(tr.cfg), "units.count": len(tr.units),
                                  "units.params": tr.partition.total_params,
-                                 "units.gflops_per_sample_full": tr.cost.full_step_flops / 1e9})
+                                 "units.gflops_per_sample_full": tr.cost.full_step_flops / 1e9,
+                                 **tr.batch.log_params()})  # text: the length unit FLOPs are counted at
         tr.tracker.log_text(to_yaml(tr.cfg), "config.yaml")
         tr.tracker.log_text(tr.partition.table(), "units.txt")
         if tr.resumed_from is not None:  # what the checkpoint covers and the run lacks (reliability.py)

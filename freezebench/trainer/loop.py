@@ -42,7 +42,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from .. import __version__, faults
@@ -58,12 +57,13 @@ from ..fileio import atomic_torch_save, check_writable_folder
 from ..messages import epoch_line, position_text
 from ..progress import phase
 from ..policy import Decision, FreezePolicy, Plan, Signal, Signals
-from ..registry import MODELS, POLICIES
-from ..units import Partition, capture_outputs, partition
+from ..registry import POLICIES
+from ..units import Partition, capture_outputs
 from ..zoo.data import DataBundle, build_data
 from . import checkpoint as ckpt
 from . import distributed
 from . import reliability
+from .batches import adapter_for
 from .freezer import FreezeEvent, Freezer, param_groups
 from .hooks import CacheHook, Hook, PolicyHook, SieveHook, SparsityHook, StopSignalHook, TrackingHook, overrides
 from .identity import adopt_model
@@ -115,6 +115,8 @@ def peak_memory_mb(device: torch.device) -> float:
 def lr_factor(cfg: Any, step: int, steps_per_epoch: int, total_steps: int) -> float:
     """Global learning-rate multiplier for optimiser step ``step`` (0-based) under ``cfg`` (schedule.*)."""
     warm = int(round(cfg.warmup_epochs * steps_per_epoch))
+    if not warm and getattr(cfg, "warmup_fraction", 0.0):
+        warm = int(round(cfg.warmup_fraction * total_steps))
     if step < warm:
         return (step + 1) / warm
     if cfg.name == "constant":
@@ -123,6 +125,8 @@ def lr_factor(cfg: Any, step: int, steps_per_epoch: int, total_steps: int) -> fl
         epoch = step / steps_per_epoch
         return cfg.gamma ** sum(1 for m in cfg.milestones if epoch >= m)
     progress = (step - warm) / max(1, total_steps - warm)
+    if cfg.name == "linear":  # linear decay (Devlin et al. 2019's recipe; transformers' linear schedule)
+        return cfg.min_lr_factor + (1 - cfg.min_lr_factor) * max(0.0, 1 - progress)
     return cfg.min_lr_factor + (1 - cfg.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -192,6 +196,9 @@ class Trainer:
     def _setup_data(self, data: DataBundle | None) -> None:
         cfg, tc = self.cfg, self.cfg.trainer
         self.data = data if data is not None else build_data(cfg.data, seed=tc.seed, device=self.device)
+        # image tensors or text dicts: the one object that knows (freezebench.trainer.batches)
+        self.batch = adapter_for(self.data.info)
+        self.batch.check(cfg, self.world_size)
         # the data order, a sampler chain (freezebench.zoo.sampling): the epoch's shuffle, or the sieve's
         # partial set (data.sieve.*), then under DDP this rank's shard of it
         self.data, self.sieve = sieve_data(cfg.data.sieve, self.data, seed=tc.seed, device=self.device)
@@ -200,12 +207,7 @@ class Trainer:
     def _setup_model(self, model: torch.nn.Module | None, policy: FreezePolicy | None) -> None:
         cfg, tc, info = self.cfg, self.cfg.trainer, self.data.info
         if model is None:
-            from ..zoo.models import build_model
-
-            MODELS.get(cfg.model.name)  # clear error for unknown names before anything else
-            model = build_model(cfg.model.name, num_classes=info.num_classes, in_channels=info.in_channels,
-                                image_size=info.image_size, pretrained=cfg.model.pretrained,
-                                checkpoint=cfg.model.checkpoint, reinit_head=cfg.model.reinit_head)
+            model = self.batch.build_model(cfg)  # a zoo model (image) or a text model (freezebench.zoo.text)
             self.custom_model = False
         else:  # a model passed in: named after itself, its checkpoint applied (freezebench.trainer.identity)
             cfg = self.cfg = adopt_model(cfg, model)
@@ -214,6 +216,7 @@ class Trainer:
         self._channels_last = bool(tc.channels_last and self.device.type == "cuda")
         if self._channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.batch.channels_last = self._channels_last
         self.train_model: torch.nn.Module = self.model  # what the training step calls (DDP wraps the model)
         if policy is None:
             policy = POLICIES.get(cfg.policy.name)(OmegaConf.to_object(cfg.policy))
@@ -221,7 +224,7 @@ class Trainer:
         self.needs = frozenset(type(policy).needs)
         gran = cfg.model.granularity if cfg.model.granularity != "auto" else type(policy).granularity
         probe_x, _ = self.data.probe_batch(2, seed=tc.seed)
-        self.partition: Partition = partition(self.model, probe_x, gran)
+        self.partition: Partition = self.batch.partition(self.model, probe_x, gran)
         self.units = self.partition.units
         self.cost = CostModel([u.flops for u in self.units], self.partition.other_flops)
         self.dense_full_step_flops = self.cost.full_step_flops  # what `full` training spends per sample
@@ -353,7 +356,7 @@ class Trainer:
         """The model's training forward pass; through the frozen-prefix cache when there is one, which also
         sets ``step_cost`` to this step's FLOPs per sample (skipped prefix forwards are not counted)."""
         if self.cache is None:
-            return self.train_model(x) if self.compiler is None else self.compiler(self.train_model)(x)
+            return self.batch.forward(self.train_model if self.compiler is None else self.compiler(self.train_model), x)
         out = self.cache.forward(x, idx, self.freezer.frozen)
         self.step_cost = self.cache.last_flops_per_sample
         return out
@@ -446,17 +449,24 @@ class Trainer:
         self.model.eval()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
+        confusion = None  # text: counts per (label, prediction), for F1 / Matthews correlation
         n = 0
         for x, y, _ in self.data.val:
-            if self._channels_last and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = self.batch.prepare(x)
             with self.autocast():
-                out = self.model(x)
-            loss_sum += F.cross_entropy(out.float(), y, reduction="sum")
-            correct += (out.argmax(1) == y).sum()
+                out = self.batch.forward(self.model, x)
+            loss_sum += self.batch.losses(out, y, reduction="sum")
+            pred = out.argmax(1)
+            correct += (pred == y).sum()
+            counts = self.batch.confusion(pred, y)
+            if counts is not None:
+                confusion = counts if confusion is None else confusion + counts
             n += len(y)
         self.freezer.train_mode()
-        loss_total, correct_total, n = self.parallel.sum([loss_sum.item(), correct.item(), n], self.device)
+        extra = [] if confusion is None else confusion.tolist()
+        loss_total, correct_total, n, *extra = self.parallel.sum([loss_sum.item(), correct.item(), n, *extra],
+                                                                 self.device)
+        self.state.val_metrics = self.batch.val_metrics(extra or None)
         return loss_total / max(n, 1), correct_total / max(n, 1)
 
     # --- the loop ------------------------------------------------------------------------------------
@@ -554,12 +564,11 @@ class Trainer:
     def train_step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, sums: EpochSums) -> torch.Tensor:
         """One optimiser step on the batch ``(x, y, idx)``, added to ``sums``, then the step hooks; the loss."""
         state = self.state
-        if self._channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = self.batch.prepare(x)  # the batch adapter (freezebench.trainer.batches): image tensors or text dicts
         self._set_lr(state.step)
         with self.autocast():
             out = self.forward(x, idx)
-        losses = F.cross_entropy(out.float(), y, reduction="none")
+        losses = self.batch.losses(out, y)
         loss = losses.mean()
         if faults.ARMED and state.batch == self.plan.steps_per_epoch // 2:  # test-only SIGKILL (faults.py)
             faults.at("mid_step", state.epoch + 1)
@@ -576,7 +585,7 @@ class Trainer:
         sums.samples += n
         sums.loss_sum += losses.detach().sum()
         sums.correct += (out.detach().argmax(1) == y).sum()
-        sums.flops += self.step_cost * n  # step_cost changes only when the frozen set does
+        self.batch.account(self, x, n, sums)  # the step's FLOPs (text: at the batch's padded length)
         if state.step % self._check_every == 0:  # a host sync: only every check_finite_every steps
             self._check_finite(loss)
         for after_step in self._step_hooks:  # sparsity, sieve, the policy tick, ... (freezebench.trainer.hooks)
@@ -599,7 +608,7 @@ class Trainer:
             state.val_loss, state.val_acc = self.evaluate()
         eval_s = time.perf_counter() - t1
         state.tflops += sums.flops / 1e12
-        state.tflops_full += self.dense_full_step_flops * samples / 1e12
+        state.tflops_full += self.batch.epoch_full_flops(self, sums) / 1e12
         m = {
             M.TRAIN_LOSS: train_loss,
             M.TRAIN_ACC: sums.correct.item() / max(samples, 1),
@@ -617,6 +626,7 @@ class Trainer:
             M.PEAK_MB: peak_memory_mb(self.device),
             M.LR: state.lr_factor * self.cfg.optim.lr,
             M.SAMPLES_PER_EPOCH: float(samples),
+            **state.val_metrics,  # text: val/f1, val/mcc, val/score (freezebench.zoo.text_data.task_metrics)
         }
         for h in self.hooks:
             m.update(h.epoch_metrics())
@@ -812,6 +822,7 @@ class Trainer:
             "unit_names": [u.name for u in self.units],
             "granularity": self.partition.granularity,
             "freezebench_version": __version__,
+            **self.batch.payload(),  # text: modality, vocabulary size, sequence length, task
         }
 
     def save_checkpoint(self, path: str | Path) -> Path:

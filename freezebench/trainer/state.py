@@ -28,6 +28,7 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)  # per-epoch metrics
     val_loss: float = math.nan  # the latest evaluation
     val_acc: float = math.nan
+    val_metrics: dict[str, float] = field(default_factory=dict)  # the latest evaluation's task metrics (text)
     policy_time: float = 0.0  # seconds spent in the policy (observe / decide / apply)
     elapsed_before: float = 0.0  # seconds the run had taken before it was resumed
     lr_factor: float = 1.0  # the schedule's learning-rate multiplier at the latest step
@@ -38,7 +39,8 @@ class TrainState:
     def accounting(self, elapsed_s: float) -> dict[str, Any]:
         """The accounting part of a checkpoint (``elapsed_s``: the run's seconds so far)."""
         return {"tflops": self.tflops, "tflops_full": self.tflops_full, "history": [dict(h) for h in self.history],
-                "val_loss": self.val_loss, "val_acc": self.val_acc, "elapsed_s": elapsed_s,
+                "val_loss": self.val_loss, "val_acc": self.val_acc, "val_metrics": dict(self.val_metrics),
+                "elapsed_s": elapsed_s,
                 "policy_time": self.policy_time}
 
     def load(self, position: dict[str, Any], accounting: dict[str, Any], lr_factor: float) -> None:
@@ -46,6 +48,7 @@ class TrainState:
         self.tflops, self.tflops_full = float(accounting["tflops"]), float(accounting["tflops_full"])
         self.history = [dict(h) for h in accounting["history"]]
         self.val_loss, self.val_acc = float(accounting["val_loss"]), float(accounting["val_acc"])
+        self.val_metrics = {k: float(v) for k, v in accounting.get("val_metrics", {}).items()}
         self.policy_time = float(accounting["policy_time"])
         self.elapsed_before = float(accounting["elapsed_s"])
         self.lr_factor = float(lr_factor)
@@ -59,6 +62,7 @@ class EpochSums:
     correct: torch.Tensor
     samples: int = 0
     flops: float = 0.0
+    flops_full: float = 0.0  # text: what full training of the epoch's batches (at their lengths) would spend
     policy_before: float = 0.0  # TrainState.policy_time when the epoch started (less a resumed part's)
     loop_before: float = 0.0  # loop seconds of this epoch before a resume
     loop_s: float = 0.0  # loop seconds of the epoch (set when its last step is done)
@@ -70,7 +74,7 @@ class EpochSums:
 
     def to_checkpoint(self, policy_time: float, loop_s: float) -> dict[str, Any]:
         """The partial sums in the checkpoint's ``epoch_acc`` layout."""
-        return {"samples": self.samples, "flops_epoch": self.flops, "loss_sum": self.loss_sum.detach().cpu(),
+        return {"samples": self.samples, "flops_epoch": self.flops, "flops_full": self.flops_full, "loss_sum": self.loss_sum.detach().cpu(),
                 "correct": self.correct.cpu(), "policy_s": policy_time - self.policy_before, "loop_s": loop_s}
 
     @classmethod
@@ -78,6 +82,7 @@ class EpochSums:
         """The sums of an epoch stopped at a step boundary, to continue it."""
         sums = cls.start(device, policy_time - part["policy_s"])
         sums.samples, sums.flops = part["samples"], part["flops_epoch"]
+        sums.flops_full = part.get("flops_full", 0.0)
         sums.loss_sum += part["loss_sum"].to(device)
         sums.correct += part["correct"].to(device)
         sums.loop_before = part["loop_s"]

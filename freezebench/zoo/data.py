@@ -14,6 +14,7 @@ Registered datasets (``data.name``):
   the machine has the internet); standard augmentation (4-pixel padded random crop + horizontal flip).
 * ``imagefolder``: ``data.root/train/<class>/*`` and ``data.root/val/<class>/*`` (ImageNet layout).
 * ``synthetic``: seeded Gaussian class blobs in image shape, for tests.
+* ``glue`` / ``text_demo``: text classification (:mod:`freezebench.zoo.text_data`, the ``nlp`` extra).
 """
 
 from __future__ import annotations
@@ -43,6 +44,13 @@ class DataInfo:
     num_train: int
     num_val: int
     random_augmentation: bool  # whether training inputs change from epoch to epoch
+    # text data (freezebench.zoo.text_data): modality "text", the token vocabulary size, the longest padded
+    # sequence, the GLUE task (or None) and the tokenizer's folder (None: the task's own vocabulary)
+    modality: str = "image"
+    vocab_size: int = 0
+    max_length: int = 0
+    task: str | None = None
+    tokenizer: str | None = None
 
 
 class TensorLoader:
@@ -429,6 +437,24 @@ def imagefolder(cfg: Any, *, seed: int, device: Any) -> DataBundle:
     vl = FolderLoader(val, cfg.eval_batch_size, shuffle=False, seed=seed, num_workers=cfg.num_workers,
                       device=device)
     return DataBundle(info, tl, vl)
+
+
+@DATASETS.register("glue")
+def glue(cfg: Any, *, seed: int, device: Any) -> DataBundle:
+    """A GLUE task (``data.task``) from ``data.root``, tokenised with the model's tokenizer (text; needs the
+    ``nlp`` extra): see :func:`freezebench.zoo.text_data.glue`."""
+    from .text_data import glue as build
+
+    return build(cfg, seed=seed, device=device)
+
+
+@DATASETS.register("text_demo")
+def text_demo(cfg: Any, *, seed: int, device: Any) -> DataBundle:
+    """The embedded synthetic text task (seeded token sequences, its own vocabulary; no download): see
+    :func:`freezebench.zoo.text_data.text_demo`."""
+    from .text_data import text_demo as build
+
+    return build(cfg, seed=seed, device=device)
 
 
 def build_data(cfg: Any, *, seed: int, device: Any) -> DataBundle:
