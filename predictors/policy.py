@@ -57,9 +57,10 @@ Details that are ours:
 * **Text (transformers).** The shipped family was trained on CNN runs only. Measured on four ``bert_tiny``
   runs of the embedded text task (``freezebench predictor collect`` at layer granularity, two
   configurations: AdamW lr 1e-3 batch 32, seeds 0/1, and lr 5e-4 batch 16, seeds 2/3; 4 epochs; the same
-  CKA-oracle labels), the previous default predictor (window 30, tailor 1024, before the retraining above) ranks well, ROC AUC 0.783 over 504
-  samples (per run 0.749 to 0.822; the CNN test runs: 0.716), but its decisions at the stored threshold
-  agree poorly with the oracle: precision 0.150, recall 0.279, F1 0.195 (CNN test runs: 0.467), with only
+  CKA-oracle labels), the shipped default predictor (window 30, tailor 1024) ranks well, ROC AUC 0.787
+  over 504 samples (per run 0.714 to 0.833; the CNN test runs: 0.742), but its decisions at the stored
+  threshold agree poorly with the oracle: precision 0.151, recall 0.302, F1 0.202 (CNN test runs: 0.504;
+  the previous family: AUC 0.783, F1 0.195), with only
   8.5 % of the samples labelled "freeze". So a text-trained predictor (or at least a threshold chosen on
   text runs) is needed before SmartFRZ's text results stand for the paper's method; none is shipped yet.
 * **Labels.** The CKA-oracle rule of the ``cka_oracle`` baseline (one implementation,
