@@ -124,3 +124,29 @@ def one_line(capsys, code: int) -> str:
     lines = [ln for ln in err.splitlines() if ln.startswith("freezebench: error: ")]
     assert len(lines) == 1, err
     return lines[0]
+
+
+def assert_freeze_invariants(trainer: Any, initial: dict[int, torch.Tensor]) -> None:
+    """What freezing guarantees after ``trainer.fit()``, for any policy (the contract tests, image and text).
+
+    Every frozen unit is not the head, its parameters need no gradient, hold none and are out of the optimizer's
+    groups and state, and its norm layers are in eval mode; every unit left trainable still requires gradients
+    and moved from ``initial`` (``id(param) -> its value before training``); a policy that does not declare
+    ``allows_unfreeze`` only froze.
+    """
+    frozen = trainer.freezer.frozen
+    opt = trainer.optimizer
+    in_groups = {id(p) for g in opt.param_groups for p in g["params"]}
+    for i in frozen:
+        unit = trainer.units[i]
+        assert not unit.is_head, unit.name
+        for p in unit.parameters:
+            assert p.requires_grad is False and p.grad is None, unit.name
+            assert id(p) not in in_groups and p not in opt.state, unit.name
+        assert all(m.training is False for m in unit.norm_modules), unit.name
+    for unit in trainer.units:
+        if unit.index not in frozen:
+            assert all(p.requires_grad for p in unit.parameters), unit.name
+            assert any(not torch.equal(initial[id(p)], p) for p in unit.parameters), unit.name
+    if not type(trainer.policy).allows_unfreeze:
+        assert all(e.action == "freeze" for e in trainer.freezer.events)

@@ -12,7 +12,7 @@ from freezebench.config import load_config  # noqa: E402
 from freezebench.errors import TrainingInterrupted  # noqa: E402
 from freezebench.registry import POLICIES  # noqa: E402
 from freezebench.trainer import Trainer  # noqa: E402
-from helpers import StopAt, assert_state_equal  # noqa: E402
+from helpers import StopAt, assert_freeze_invariants, assert_state_equal  # noqa: E402
 from test_contract import SETTINGS, _untimed  # noqa: E402
 
 TEXT = ["data.name=text_demo", "data.text_samples=120", "data.batch_size=16", "data.eval_batch_size=64",
@@ -60,18 +60,7 @@ def test_policy_contract_on_text(name, request, tmp_path):
     frozen = trainer.freezer.frozen
     assert bool(frozen) == SETTINGS[name]["freezes"], name
     assert all(torch.isfinite(torch.tensor(v)) for v in result.metrics.values())
-    opt = trainer.optimizer
-    in_groups = {id(p) for g in opt.param_groups for p in g["params"]}
-    for i in frozen:
-        unit = trainer.units[i]
-        assert not unit.is_head
-        assert all(p.requires_grad is False and p.grad is None and id(p) not in in_groups for p in unit.parameters)
-        assert all(m.training is False for m in unit.norm_modules)
-    for unit in trainer.units:
-        if unit.index not in frozen:
-            assert any(not torch.equal(initial[id(p)], p) for p in unit.parameters), unit.name
-    if not type(trainer.policy).allows_unfreeze:
-        assert all(e.action == "freeze" for e in trainer.freezer.events)
+    assert_freeze_invariants(trainer, initial)
     assert result.metrics["cost/tflops"] <= result.metrics["cost/tflops_full"]
     state = trainer.policy.state_dict()
     clone = type(trainer.policy)(trainer.policy.cfg)
