@@ -115,7 +115,7 @@ def peak_memory_mb(device: torch.device) -> float:
 def lr_factor(cfg: Any, step: int, steps_per_epoch: int, total_steps: int) -> float:
     """Global learning-rate multiplier for optimiser step ``step`` (0-based) under ``cfg`` (schedule.*)."""
     warm = int(round(cfg.warmup_epochs * steps_per_epoch))
-    if not warm and getattr(cfg, "warmup_fraction", 0.0):
+    if not warm and cfg.warmup_fraction:  # schedule.warmup_fraction: used when warmup_epochs is 0
         warm = int(round(cfg.warmup_fraction * total_steps))
     if step < warm:
         return (step + 1) / warm
