@@ -1,5 +1,9 @@
 """Named fault points for tests: ``FREEZEBENCH_FAULT=POINT[:EPOCH]`` SIGKILLs the process there.
 
+``FREEZEBENCH_FAULT_SIGNAL=SIGTERM`` (or ``SIGINT``) sends that signal instead, once: the process's own
+handlers run (the trainer stops at the next step boundary with a checkpoint), as under a scheduler's
+``kill``, a pre-empted node or Ctrl-C.
+
     FREEZEBENCH_FAULT=mid_step:2 freezebench train ...            # killed in the middle of epoch 2
     FREEZEBENCH_FAULT=after_final_checkpoint freezebench train ...
     FREEZEBENCH_FAULT=mid_trial freezebench sweep SPACE ...        # a worker lost in the middle of a trial
@@ -31,6 +35,7 @@ import sys
 
 POINTS = ("mid_step", "after_epoch_log", "mid_checkpoint_write", "after_final_checkpoint", "mid_trial")
 ENV = "FREEZEBENCH_FAULT"
+SIGNAL_ENV = "FREEZEBENCH_FAULT_SIGNAL"
 
 
 def parse(text: str | None) -> tuple[str | None, int | None]:
@@ -45,7 +50,19 @@ def parse(text: str | None) -> tuple[str | None, int | None]:
     return point, (int(epoch) if epoch else None)
 
 
+def parse_signal(text: str | None) -> signal.Signals:
+    """The signal a fault point sends: ``SIGKILL`` unless :data:`SIGNAL_ENV` names ``SIGTERM`` or ``SIGINT``."""
+    if not text:
+        return signal.SIGKILL
+    name = text.strip().upper()
+    name = name if name.startswith("SIG") else f"SIG{name}"
+    if name not in ("SIGKILL", "SIGTERM", "SIGINT"):
+        raise SystemExit(f"{SIGNAL_ENV}={text!r}: choose SIGKILL, SIGTERM or SIGINT")
+    return signal.Signals[name]
+
+
 POINT, EPOCH = parse(os.environ.get(ENV))
+SIGNAL = parse_signal(os.environ.get(SIGNAL_ENV))
 ARMED = POINT is not None
 _in_trial = False  # set by the sweep runner while a trial trains: arms mid_trial at the mid_step site
 
@@ -56,12 +73,16 @@ def set_in_trial(active: bool) -> None:
 
 
 def at(point: str, epoch: int | None = None) -> None:
-    """SIGKILL this process if ``point`` (in 1-based ``epoch``) is the armed fault point."""
+    """SIGKILL this process (or send it :data:`SIGNAL`, once) if ``point`` (in 1-based ``epoch``) is the
+    armed fault point."""
+    global ARMED
     if not ARMED:
         return
     armed = POINT == point or (POINT == "mid_trial" and point == "mid_step" and _in_trial)
     if not armed or (EPOCH is not None and epoch != EPOCH):
         return
-    sys.stderr.write(f"freezebench: fault point {POINT}" + (f" (epoch {epoch})" if epoch else "") + ": SIGKILL\n")
+    sys.stderr.write(f"freezebench: fault point {POINT}" + (f" (epoch {epoch})" if epoch else "") + f": {SIGNAL.name}\n")
     sys.stderr.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
+    if SIGNAL != signal.SIGKILL:
+        ARMED = False  # a signal the process survives is sent once (a second one would mean "stop at once")
+    os.kill(os.getpid(), SIGNAL)

@@ -10,8 +10,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
-from freezebench.errors import FreezebenchError
+from freezebench.errors import FreezebenchError, TrainingInterrupted
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -73,9 +74,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise FreezebenchError("give a space: freezebench sweep SPACE [key=value ...] (freezebench sweep --list)")
     if args.max_trials is not None and args.max_trials < 1:
         raise FreezebenchError("--max-trials must be positive")
-    res = run_sweep(args.space, split_overrides(args.overrides), seeds=_seeds(args.seeds), storage=args.storage,
-                    study=args.study, heartbeat_s=args.heartbeat, grace_s=args.grace,
-                    retry_failed=args.retry_failed, max_trials=args.max_trials, plots=not args.no_plots)
+    try:
+        res = run_sweep(args.space, split_overrides(args.overrides), seeds=_seeds(args.seeds), storage=args.storage,
+                        study=args.study, heartbeat_s=args.heartbeat, grace_s=args.grace,
+                        retry_failed=args.retry_failed, max_trials=args.max_trials, plots=not args.no_plots)
+    except TrainingInterrupted as e:  # SIGTERM/SIGINT mid-trial: checkpointed and re-queued; exit as the signal would
+        from freezebench.progress import clear_bars
+
+        clear_bars()
+        stopped = str(e).split("; continue with")[0]  # the trainer's advice (resume=...) is for `train`
+        print(f"freezebench: {stopped}; the trial is re-queued to resume it: run the same sweep command to "
+              f"continue", file=sys.stderr)
+        return 128 + e.signum
     if res.parent_run_id:
         print(f"MLflow parent run {res.parent_run_id}; live view of the study: "
               f"optuna-dashboard {args.storage or 'sqlite:///optuna.db'}")

@@ -9,6 +9,9 @@ Mechanics (ARCHITECTURE.md, "Sweeps"):
   whatever the number of workers. (Optuna's GridSampler alone picks points per worker and repeats them.)
 * **Failures.** A trial that raises is told FAIL with its reason (user attribute ``fail_reason``) and the
   sweep goes on; a FAIL counts as done (``retry_failed`` re-queues those).
+* **Stopped workers.** SIGTERM or Ctrl-C during a trial stops the worker: the trainer checkpoints at the
+  next step boundary, the trial is failed as ``interrupted`` and re-queued to resume that checkpoint, and
+  the worker exits (128 + the signal's number) instead of starting the next trial; a re-run continues.
 * **Killed workers.** While a trial runs, a thread writes a heartbeat (system attribute) every
   ``heartbeat_s``. A RUNNING trial whose heartbeat is older than ``grace_s`` belongs to a dead worker: any
   worker (or a re-run) fails it atomically and enqueues a copy, which then runs once. The mechanism is ours,
@@ -40,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from freezebench import faults, progress
-from freezebench.errors import FreezebenchError
+from freezebench.errors import FreezebenchError, TrainingInterrupted
 from freezebench import metrics as M
 
 from .space import Space, SweepError, load_space, spec_json
@@ -486,6 +489,14 @@ def run_trial(study: Any, trial_id: int, space: Space, parent: str | None, *, he
                 result = trainer.fit()
             finally:
                 faults.set_in_trial(False)
+        except TrainingInterrupted as e:
+            # SIGTERM/SIGINT at a step boundary: the trainer wrote a checkpoint and marked the run KILLED;
+            # the trial is re-queued to resume that checkpoint, and this worker stops (it does not go on to
+            # the next trial, which would take one more signal per trial to stop)
+            if e.checkpoint:
+                _attrs(trial, {"checkpoint": os.path.abspath(e.checkpoint)})
+            _tell_interrupted(study, trial, frozen)
+            raise
         except KeyboardInterrupt:
             _tell_interrupted(study, trial, frozen)
             raise

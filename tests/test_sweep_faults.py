@@ -39,23 +39,43 @@ def reference(tmp_path_factory):
     return {k: v.clone() for k, v in t.model.state_dict().items()}, result.history
 
 
-def kill_worker_and_rerun(fault: str, tmp_path: Path, mlflow_uri: str, reference) -> None:
-    study = f"fault-{fault.replace(':', '-')}"
+def kill_worker_and_rerun(fault: str, tmp_path: Path, mlflow_uri: str, reference, sig: str = "SIGKILL") -> None:
+    """Run a sweep worker until ``fault`` sends it ``sig``, check what it left, re-run the sweep and check
+    that it completes exactly as an uninterrupted sweep would."""
+    study = f"fault-{fault.replace(':', '-')}-{sig}"
     space = tmp_path / "g.yaml"
     space.write_text("name: g\nparams:\n  policy: [full, static]\nseeds: [0]\n")
     storage = f"sqlite:///{tmp_path}/optuna.db"
     client = mlflow.tracking.MlflowClient(mlflow_uri)
     client.search_experiments()  # the store's tables exist before the worker starts
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
-    env.update({"FREEZEBENCH_FAULT": fault, "OMP_NUM_THREADS": str(THREADS), "PYTHONPATH": str(HERE.parent),
+    env.update({"FREEZEBENCH_FAULT": fault, "FREEZEBENCH_FAULT_SIGNAL": sig, "OMP_NUM_THREADS": str(THREADS),
+                "PYTHONPATH": str(HERE.parent),
                 "MLFLOW_TRACKING_URI": mlflow_uri, "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"})
     worker = subprocess.run([sys.executable, "-m", "freezebench", "sweep", str(space), *TINY, "--storage", storage,
                              "--study", study, "--no-plots", "--heartbeat", "0.5", "--grace", "3"],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert worker.returncode == -signal.SIGKILL, worker.stdout + worker.stderr
-    [lost] = optuna.load_study(study_name=study, storage=storage).get_trials()[:1]
-    assert lost.state == TrialState.RUNNING and lost.user_attrs["mlflow_run_id"]  # linked when it started
-    assert client.get_run(lost.user_attrs["mlflow_run_id"]).info.status == "RUNNING"  # the orphan, for now
+    trials = optuna.load_study(study_name=study, storage=storage).get_trials()
+    lost = trials[0]
+    if sig == "SIGKILL":
+        assert worker.returncode == -signal.SIGKILL, worker.stdout + worker.stderr
+        assert lost.state == TrialState.RUNNING and lost.user_attrs["mlflow_run_id"]  # linked when it started
+        assert client.get_run(lost.user_attrs["mlflow_run_id"]).info.status == "RUNNING"  # the orphan, for now
+        lost_reason = "worker lost: no heartbeat"
+    else:  # a signal the worker handles: it checkpoints, re-queues the trial and stops, starting no other
+        assert worker.returncode == 128 + signal.Signals[sig], worker.stdout + worker.stderr
+        [line] = [ln for ln in worker.stderr.splitlines() if ln.startswith("freezebench: SIG")
+                  and "re-queued" in ln]
+        assert f"{lost.user_attrs['mlflow_run_id']}/last.pt" in line and "resume=" not in line
+        assert lost.state == TrialState.FAIL and lost.user_attrs["fail_reason"] == "interrupted"
+        assert [t.state for t in trials[1:]] == [TrialState.WAITING] * 2  # grid point 1 was never started
+        [retry] = [t for t in trials[1:] if "retry_of" in t.user_attrs]
+        assert retry.user_attrs["retry_of"] == lost.number and retry.user_attrs["grid_index"] == 0
+        assert retry.user_attrs["resume_from"] == lost.user_attrs["checkpoint"]
+        assert Path(lost.user_attrs["checkpoint"]).is_absolute()
+        assert Path(lost.user_attrs["checkpoint"]).is_file()
+        assert client.get_run(lost.user_attrs["mlflow_run_id"]).info.status == "KILLED"
+        lost_reason = None
 
     res = run_sweep(str(space), list(TINY), storage=storage, study=study, heartbeat_s=0.5, grace_s=3, plots=False,
                     echo=None)
@@ -69,7 +89,9 @@ def kill_worker_and_rerun(fault: str, tmp_path: Path, mlflow_uri: str, reference
     assert retry.state == TrialState.COMPLETE and retry.user_attrs["retry_of"] == lost.number
     assert retry.user_attrs["resume_from"] == lost.user_attrs["checkpoint"]  # resumed, not started over
     killed = client.get_run(lost.user_attrs["mlflow_run_id"])
-    assert killed.info.status == "KILLED" and "worker lost: no heartbeat" in killed.data.tags["error"]
+    assert killed.info.status == "KILLED"
+    if lost_reason:
+        assert lost_reason in killed.data.tags["error"]
 
     run = client.get_run(retry.user_attrs["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["retry_of_run"] == killed.info.run_id
@@ -101,3 +123,11 @@ def test_worker_lost_mid_trial_resumes_its_checkpoint(tmp_path, mlflow_uri, refe
                                    "mid_checkpoint_write:3", "after_final_checkpoint"])
 def test_worker_killed_at_every_fault_point(fault, tmp_path, mlflow_uri, reference):
     kill_worker_and_rerun(fault, tmp_path, mlflow_uri, reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_worker_stopped_by_a_signal_requeues_and_exits(sig, tmp_path, mlflow_uri, reference):
+    """SIGTERM (a scheduler's kill) or Ctrl-C in the middle of a trial: the worker checkpoints, re-queues the
+    trial to resume it and exits 128 + signum, instead of failing the trial and starting the next one."""
+    kill_worker_and_rerun("mid_trial:2", tmp_path, mlflow_uri, reference, sig=sig)
