@@ -107,7 +107,7 @@ from freezebench.policy import Decision, FreezePolicy, Plan, PolicyConfig, Signa
 
 from .history import HistoryBuffer
 from .tailoring import Tailor
-from .weights import load_predictor, select_weights
+from .weights import DOMAINS, load_predictor, select_weights
 
 
 @dataclass
@@ -120,6 +120,7 @@ class SmartFRZConfig(PolicyConfig):
     stage_every: int | None = None  # steps between freezing stages; null: once per epoch (steps_per_epoch)
     sequential: bool = False  # true: freeze only the longest front prefix of active layers predicted "freeze"
     seed: int = 0  # seed of the tailoring indices (which weights of each layer are sampled)
+    domain: str = "auto"  # which shipped family policy.weights=null loads: auto (the model's modality, Plan.modality) | image | text
     any_window: bool = False  # true: read policy.window snapshots with a predictor trained at another window (its attention takes any length; window sensitivity without retraining)
 
 
@@ -162,22 +163,26 @@ class SmartFRZ(FreezePolicy):
             v = getattr(cfg, key)
             if v is not None and v < 1:
                 raise ConfigError(f"policy.{key} must be >= 1 step (or null for the default), got {v}")
+        if cfg.domain not in ("auto", *DOMAINS):
+            raise ConfigError(f"policy.domain must be auto, {' or '.join(DOMAINS)}, got {cfg.domain!r}")
 
     @staticmethod
-    def weights_path(cfg: SmartFRZConfig) -> str:
-        """The predictor file to load: ``cfg.weights``, else the shipped family member trained at
-        ``cfg.window`` and ``cfg.tailor_size`` (with ``any_window``: at that tailor size, nearest window);
-        a :class:`ConfigError` naming the shipped members when none matches."""
+    def weights_path(cfg: SmartFRZConfig, modality: str = "image") -> str:
+        """The predictor file to load: ``cfg.weights``, else the shipped family member of ``cfg.domain``
+        (``auto``: ``modality``, the model's, :attr:`Plan.modality`) trained at ``cfg.window`` and
+        ``cfg.tailor_size`` (with ``any_window``: at that tailor size, nearest window); a
+        :class:`ConfigError` naming the shipped members of that domain when none matches."""
         if cfg.weights:
             return str(cfg.weights)
-        return str(select_weights(cfg.window, cfg.tailor_size, any_window=cfg.any_window))
+        domain = modality if cfg.domain == "auto" else cfg.domain
+        return str(select_weights(cfg.window, cfg.tailor_size, any_window=cfg.any_window, domain=domain))
 
     def setup(self, units, plan: Plan) -> None:
         super().setup(units, plan)
         c = self.cfg
         self.validate_config(c)
         self.predictor, self.predictor_meta = load_predictor(
-            self.weights_path(c), tailor_size=c.tailor_size, window=None if c.any_window else c.window,
+            self.weights_path(c, getattr(plan, "modality", "image")), tailor_size=c.tailor_size, window=None if c.any_window else c.window,
             device=plan.device,
         )
         # the predictor file may carry a decision threshold chosen on validation runs (default: argmax)
