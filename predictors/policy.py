@@ -62,7 +62,16 @@ Details that are ours:
   threshold agree poorly with the oracle: precision 0.151, recall 0.302, F1 0.202 (CNN test runs: 0.504;
   the previous family: AUC 0.783, F1 0.195), with only
   8.5 % of the samples labelled "freeze". So a text-trained predictor (or at least a threshold chosen on
-  text runs) is needed before SmartFRZ's text results stand for the paper's method; none is shipped yet.
+  text runs) is needed before SmartFRZ's text results stand for the paper's method. Shipped since:
+  ``smartfrz_text_w30_t1024.pt``, trained on ``predictors/build.py``'s ``TEXT_CORPUS`` (bert_tiny and
+  bert_mini on ``text_demo``, AdamW, linear schedule with 10 % warm-up; ``first_delta`` as the image family,
+  not re-selected on text; threshold 0.606 chosen on the validation runs, ROC AUC 0.771, F1 0.510 there).
+  ``policy.domain = auto`` (default) picks the family from the model's modality (:attr:`Plan.modality`,
+  set by the trainer's batch adapter); ``image`` / ``text`` force one. On the text test runs (unseen
+  bert_small; unseen bert_tiny lr 3e-3 batch 128, one seed diverged), 1152 samples: ROC AUC 0.419,
+  precision 0.077, recall 0.355, F1 0.126 (image default on the same runs: 0.410 / 0.054 / 0.131 / 0.077),
+  so the text predictor does not yet generalise to an unseen architecture; treat SmartFRZ's text figures
+  with that in mind.
 * **Labels.** The CKA-oracle rule of the ``cka_oracle`` baseline (one implementation,
   :mod:`freezebench.analysis.oracle`: debiased linear CKA, a 2-epoch window), against the final weights of
   the same configuration trained with another seed (:mod:`.collect`).
