@@ -64,6 +64,8 @@ class Plan:
     device: str = "cpu"
     # step schedule: completed-step counts after which the global learning rate is lower (empty otherwise)
     lr_drops: tuple[int, ...] = ()
+    # the data's modality, "image" or "text" (the trainer's batch adapter, freezebench.trainer.batches)
+    modality: str = "image"
 
     @property
     def total_steps(self) -> int:

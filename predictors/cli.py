@@ -61,6 +61,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     bd = prs.add_parser("build", help="regenerate the shipped family: source model, corpus, 7 predictors")
     bd.add_argument("--data", required=True, help="folder for the corpus (resumes what it holds)")
+    bd.add_argument("--corpus", default="image", choices=["image", "text"],
+                    help="image: the CNN family (7 members); text: the BERT predictor smartfrz_text_w30_t1024.pt")
     bd.add_argument("--weights-dir", default=None, help="where to write the family (default: the package's)")
     bd.add_argument("--collect-only", action="store_true", help="collect the corpus, train nothing")
     bd.add_argument("--train-only", action="store_true", help="train on the corpus files present, collect nothing")
@@ -174,20 +176,26 @@ def _run(args: argparse.Namespace) -> int:
     if cmd == "build":
         from .build import collect_corpus, corpus_paths, split_ids
         from .train import train_family
+        from .weights import family_of, family_file
 
         if args.collect_only and args.train_only:
             raise FreezebenchError("--collect-only and --train-only exclude each other")
         if not args.train_only:
-            collect_corpus(args.data, log=lambda s: print(s, flush=True))
+            collect_corpus(args.data, corpus=args.corpus, log=lambda s: print(s, flush=True))
         if args.collect_only:
             return 0
-        train, val = corpus_paths(args.data, "train"), corpus_paths(args.data, "val")
+        c = args.corpus
+        train, val = corpus_paths(args.data, "train", c), corpus_paths(args.data, "val", c)
         if not train or not val:
             raise FreezebenchError(f"{args.data}: the corpus lacks training or validation runs "
-                                   f"(train {split_ids('train')}, val {split_ids('val')})")
-        report = train_family(train, val, folder=args.weights_dir, norm=args.norm, epochs=args.epochs,
+                                   f"(train {split_ids('train', c)}, val {split_ids('val', c)})")
+        # text: the image family's normalisation (first_delta) unless --norm says otherwise
+        norm = args.norm or ("first_delta" if c == "text" else None)
+        members = family_of(c)
+        report = train_family(train, val, folder=args.weights_dir, norm=norm, epochs=args.epochs,
+                              members=members, paths=[family_file(w, t, args.weights_dir, c) for w, t in members],
                               samples_per_epoch=args.samples_per_epoch, log=lambda s: print(s, flush=True))
-        report["corpus"] = {split: [p.stem for p in corpus_paths(args.data, split)] for split in ("train", "val", "test")}
+        report["corpus"] = {split: [p.stem for p in corpus_paths(args.data, split, c)] for split in ("train", "val", "test")}
         print(json.dumps(_plain(report), sort_keys=True))
         return 0
     raise FreezebenchError(f"unknown predictor step {cmd!r}")  # pragma: no cover (argparse requires one)

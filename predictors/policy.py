@@ -62,7 +62,16 @@ Details that are ours:
   threshold agree poorly with the oracle: precision 0.151, recall 0.302, F1 0.202 (CNN test runs: 0.504;
   the previous family: AUC 0.783, F1 0.195), with only
   8.5 % of the samples labelled "freeze". So a text-trained predictor (or at least a threshold chosen on
-  text runs) is needed before SmartFRZ's text results stand for the paper's method; none is shipped yet.
+  text runs) is needed before SmartFRZ's text results stand for the paper's method. Shipped since:
+  ``smartfrz_text_w30_t1024.pt``, trained on ``predictors/build.py``'s ``TEXT_CORPUS`` (bert_tiny and
+  bert_mini on ``text_demo``, AdamW, linear schedule with 10 % warm-up; ``first_delta`` as the image family,
+  not re-selected on text; threshold 0.606 chosen on the validation runs, ROC AUC 0.771, F1 0.510 there).
+  ``policy.domain = auto`` (default) picks the family from the model's modality (:attr:`Plan.modality`,
+  set by the trainer's batch adapter); ``image`` / ``text`` force one. On the text test runs (unseen
+  bert_small; unseen bert_tiny lr 3e-3 batch 128, one seed diverged), 1152 samples: ROC AUC 0.419,
+  precision 0.077, recall 0.355, F1 0.126 (image default on the same runs: 0.410 / 0.054 / 0.131 / 0.077),
+  so the text predictor does not yet generalise to an unseen architecture; treat SmartFRZ's text figures
+  with that in mind.
 * **Labels.** The CKA-oracle rule of the ``cka_oracle`` baseline (one implementation,
   :mod:`freezebench.analysis.oracle`: debiased linear CKA, a 2-epoch window), against the final weights of
   the same configuration trained with another seed (:mod:`.collect`).
@@ -107,7 +116,7 @@ from freezebench.policy import Decision, FreezePolicy, Plan, PolicyConfig, Signa
 
 from .history import HistoryBuffer
 from .tailoring import Tailor
-from .weights import load_predictor, select_weights
+from .weights import DOMAINS, load_predictor, select_weights
 
 
 @dataclass
@@ -120,6 +129,7 @@ class SmartFRZConfig(PolicyConfig):
     stage_every: int | None = None  # steps between freezing stages; null: once per epoch (steps_per_epoch)
     sequential: bool = False  # true: freeze only the longest front prefix of active layers predicted "freeze"
     seed: int = 0  # seed of the tailoring indices (which weights of each layer are sampled)
+    domain: str = "auto"  # which shipped family policy.weights=null loads: auto (the model's modality, Plan.modality) | image | text
     any_window: bool = False  # true: read policy.window snapshots with a predictor trained at another window (its attention takes any length; window sensitivity without retraining)
 
 
@@ -162,22 +172,26 @@ class SmartFRZ(FreezePolicy):
             v = getattr(cfg, key)
             if v is not None and v < 1:
                 raise ConfigError(f"policy.{key} must be >= 1 step (or null for the default), got {v}")
+        if cfg.domain not in ("auto", *DOMAINS):
+            raise ConfigError(f"policy.domain must be auto, {' or '.join(DOMAINS)}, got {cfg.domain!r}")
 
     @staticmethod
-    def weights_path(cfg: SmartFRZConfig) -> str:
-        """The predictor file to load: ``cfg.weights``, else the shipped family member trained at
-        ``cfg.window`` and ``cfg.tailor_size`` (with ``any_window``: at that tailor size, nearest window);
-        a :class:`ConfigError` naming the shipped members when none matches."""
+    def weights_path(cfg: SmartFRZConfig, modality: str = "image") -> str:
+        """The predictor file to load: ``cfg.weights``, else the shipped family member of ``cfg.domain``
+        (``auto``: ``modality``, the model's, :attr:`Plan.modality`) trained at ``cfg.window`` and
+        ``cfg.tailor_size`` (with ``any_window``: at that tailor size, nearest window); a
+        :class:`ConfigError` naming the shipped members of that domain when none matches."""
         if cfg.weights:
             return str(cfg.weights)
-        return str(select_weights(cfg.window, cfg.tailor_size, any_window=cfg.any_window))
+        domain = modality if cfg.domain == "auto" else cfg.domain
+        return str(select_weights(cfg.window, cfg.tailor_size, any_window=cfg.any_window, domain=domain))
 
     def setup(self, units, plan: Plan) -> None:
         super().setup(units, plan)
         c = self.cfg
         self.validate_config(c)
         self.predictor, self.predictor_meta = load_predictor(
-            self.weights_path(c), tailor_size=c.tailor_size, window=None if c.any_window else c.window,
+            self.weights_path(c, getattr(plan, "modality", "image")), tailor_size=c.tailor_size, window=None if c.any_window else c.window,
             device=plan.device,
         )
         # the predictor file may carry a decision threshold chosen on validation runs (default: argmax)

@@ -292,7 +292,8 @@ def evaluate_predictor(weights: str | os.PathLike, datasets: Sequence[str | os.P
 def train_family(train: Sequence[Any], val: Sequence[Any], *, folder: str | os.PathLike | None = None,
                  norms: Sequence[str] = ("first_delta", "diff", "standardize"), norm: str | None = None,
                  members: Sequence[tuple[int, int]] | None = None, select_at: tuple[int, int] = (30, 1024),
-                 select_epochs: int = 4, select_samples: int | None = 512, log=print, **kw) -> dict[str, Any]:
+                 select_epochs: int = 4, select_samples: int | None = 512, paths: Sequence[Any] | None = None,
+                 log=print, **kw) -> dict[str, Any]:
     """Train the shipped family from one collection: the normalisation chosen on ``val`` (highest ROC AUC)
     at ``select_at`` = (window, tailor) among ``norms`` (unless ``norm`` is given; ``select_epochs`` epochs of
     ``select_samples`` samples each, a smaller budget than the members'), then every member of :data:`.weights.FAMILY`
@@ -311,8 +312,8 @@ def train_family(train: Sequence[Any], val: Sequence[Any], *, folder: str | os.P
         norm = max(report["norm_selection"], key=lambda k: (report["norm_selection"][k]["auc"], k))
     report["norm"] = norm
     report["members"] = {}
-    for w, t in members or FAMILY:
-        path = family_file(w, t, folder)
+    for i, (w, t) in enumerate(members or FAMILY):
+        path = paths[i] if paths else family_file(w, t, folder)
         m = train_predictor(train=[train_d], val=[val_d], out=path, window=w, tailor_size=t, norm=norm, log=log, **kw)
         report["members"][f"w{w}_t{t}"] = {k: m[k] for k in ("auc", "f1", "accuracy", "threshold", "best_epoch",
                                                              "n_train", "n_val")}

@@ -31,7 +31,7 @@ from freezebench.errors import ConfigError
 
 from .model import NORM_MODES, SmartFRZPredictor
 
-__all__ = ["DEFAULT_WEIGHTS", "FAMILY", "FORMAT_VERSION", "WEIGHTS_DIR", "family_file", "installed_family",
+__all__ = ["DEFAULT_WEIGHTS", "DOMAINS", "FAMILY", "TEXT_FAMILY", "TEXT_WEIGHTS", "family_of", "FORMAT_VERSION", "WEIGHTS_DIR", "family_file", "installed_family",
            "select_weights", "save_predictor", "load_predictor", "read_weights_file"]
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -40,37 +40,59 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 FAMILY = ((20, 1024), (30, 1024), (40, 1024), (50, 1024), (30, 512), (30, 2048), (30, 4096))
 
 
-def family_file(window: int, tailor_size: int, folder: str | os.PathLike | None = None) -> Path:
-    """The file name of the family member for ``(window, tailor_size)``: ``smartfrz_w<W>_t<T>.pt``."""
-    return Path(folder or WEIGHTS_DIR) / f"smartfrz_w{int(window)}_t{int(tailor_size)}.pt"
+#: the shipped text family (predictors trained on BERT runs of the embedded text task,
+#: ``freezebench predictor build --corpus text``): the paper's defaults only
+TEXT_FAMILY = ((30, 1024),)
+#: the domains of the shipped predictors: the modality of the models a family was trained on
+DOMAINS = ("image", "text")
 
 
-#: the shipped default predictor: the paper's defaults, window 30 and tailor 1024
+def family_of(domain: str) -> tuple[tuple[int, int], ...]:
+    """The (window, tailor_size) members shipped for ``domain`` (``image``: :data:`FAMILY`; ``text``:
+    :data:`TEXT_FAMILY`)."""
+    if domain not in DOMAINS:
+        raise ConfigError(f"unknown SmartFRZ predictor domain {domain!r}; choose one of {', '.join(DOMAINS)}")
+    return FAMILY if domain == "image" else TEXT_FAMILY
+
+
+def family_file(window: int, tailor_size: int, folder: str | os.PathLike | None = None, domain: str = "image") -> Path:
+    """The file name of the family member for ``(window, tailor_size)``: ``smartfrz_w<W>_t<T>.pt`` (image)
+    or ``smartfrz_text_w<W>_t<T>.pt`` (text)."""
+    tag = "" if domain == "image" else f"{domain}_"
+    return Path(folder or WEIGHTS_DIR) / f"smartfrz_{tag}w{int(window)}_t{int(tailor_size)}.pt"
+
+
+#: the shipped default predictor: the paper's defaults, window 30 and tailor 1024 (image family)
 DEFAULT_WEIGHTS = family_file(30, 1024)
+#: the shipped text predictor (window 30, tailor 1024)
+TEXT_WEIGHTS = family_file(30, 1024, domain="text")
 
 
-def installed_family(folder: str | os.PathLike | None = None) -> list[tuple[int, int]]:
-    """The (window, tailor_size) pairs of :data:`FAMILY` whose file is present."""
-    return [wt for wt in FAMILY if family_file(*wt, folder).is_file()]
+def installed_family(folder: str | os.PathLike | None = None, domain: str = "image") -> list[tuple[int, int]]:
+    """The (window, tailor_size) pairs of ``domain``'s family whose file is present."""
+    return [wt for wt in family_of(domain) if family_file(*wt, folder, domain).is_file()]
 
 
 def select_weights(window: int, tailor_size: int, *, any_window: bool = False,
-                   folder: str | os.PathLike | None = None) -> Path:
-    """The shipped predictor for ``policy.window`` and ``policy.tailor_size``: the family member trained at
-    both; with ``any_window`` the member at the same tailor size trained at the nearest window (window 30
-    first). :class:`ConfigError` naming the installed members when none matches."""
-    have = installed_family(folder)
+                   folder: str | os.PathLike | None = None, domain: str = "image") -> Path:
+    """The shipped predictor for ``policy.window`` and ``policy.tailor_size`` in ``domain`` (the modality of
+    the model: ``image`` or ``text``): the member of that domain's family trained at both; with
+    ``any_window`` the member at the same tailor size trained at the nearest window (window 30 first).
+    :class:`ConfigError` naming the installed members of that domain when none matches."""
+    have = installed_family(folder, domain)
     if (int(window), int(tailor_size)) in have:
-        return family_file(window, tailor_size, folder)
+        return family_file(window, tailor_size, folder, domain)
     if any_window:
         same = sorted((abs(w - 30), w) for w, t in have if t == int(tailor_size))
         if same:
-            return family_file(same[0][1], tailor_size, folder)
+            return family_file(same[0][1], tailor_size, folder, domain)
     shown = ", ".join(f"window={w} tailor_size={t}" for w, t in have) or "none"
+    where = "" if domain == "image" else f" {domain}"
     raise ConfigError(
-        f"no shipped SmartFRZ predictor for policy.window={window} and policy.tailor_size={tailor_size} "
-        f"(shipped: {shown}); use one of those, pass your own file with policy.weights=path/to/predictor.pt, "
+        f"no shipped{where} SmartFRZ predictor for policy.window={window} and policy.tailor_size={tailor_size} "
+        f"(shipped{where}: {shown}); use one of those, pass your own file with policy.weights=path/to/predictor.pt, "
         f"or set policy.any_window=true to read this window with a predictor trained at another one"
+        + ("" if domain == "image" else "; policy.domain=image uses the image family (trained on CNNs)")
     )
 FORMAT_VERSION = 1
 REQUIRED_META = ("format_version", "tailor_size", "window", "norm")

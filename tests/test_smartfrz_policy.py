@@ -423,3 +423,40 @@ def test_stage_decision_is_the_rule_the_policy_calls(always, monkeypatch):
     decs = [_tick(pol, model, units, s) for s in range(1, 7)]
     assert seen and seen[0][0] == list(pol.freezable) and seen[0][2] == pol.threshold
     assert decs[-1].freeze == [u for u in seen[0][0] if seen[0][1].get(u, 0.0) > pol.threshold]
+
+
+def test_domain_selection_text_and_image(tmp_path, monkeypatch):
+    """policy.weights=null: a text model (Plan.modality) gets the text predictor, an image model the image
+    family, an explicit file wins, a window the text family lacks is a one-line ConfigError naming it."""
+    import shutil
+
+    import freezebench.predictors.weights as wmod
+
+    monkeypatch.setattr(wmod, "WEIGHTS_DIR", tmp_path / "family")
+    (tmp_path / "family").mkdir()
+    shutil.copy(_save(tmp_path, True, window=30, tailor_size=1024), wmod.family_file(30, 1024))
+    shutil.copy(_save(tmp_path, True, window=30, tailor_size=1024), wmod.family_file(30, 1024, domain="text"))
+    monkeypatch.setattr(wmod, "FAMILY", ((30, 1024),))
+    cfg = SmartFRZConfig()
+    assert SmartFRZ.weights_path(cfg, "text") == str(tmp_path / "family" / "smartfrz_text_w30_t1024.pt")
+    assert SmartFRZ.weights_path(cfg, "image") == str(tmp_path / "family" / "smartfrz_w30_t1024.pt")
+    assert SmartFRZ.weights_path(SmartFRZConfig(domain="image"), "text").endswith("smartfrz_w30_t1024.pt")
+    assert SmartFRZ.weights_path(SmartFRZConfig(weights="x.pt"), "text") == "x.pt"
+    with pytest.raises(ConfigError) as e:
+        SmartFRZ.weights_path(SmartFRZConfig(window=20), "text")
+    msg = str(e.value)
+    assert "\n" not in msg and "shipped text: window=30 tailor_size=1024" in msg and "policy.domain=image" in msg
+    with pytest.raises(ConfigError, match="policy.domain must be"):
+        SmartFRZ.validate_config(SmartFRZConfig(domain="audio"))
+
+
+def test_shipped_text_predictor_meta():
+    from freezebench.predictors.build import split_ids
+    from freezebench.predictors.weights import TEXT_WEIGHTS
+
+    model, meta = load_predictor(TEXT_WEIGHTS, tailor_size=1024, window=30)
+    assert meta["window"] == 30 and meta["tailor_size"] == 1024 and meta["storage_dtype"] == "float16"
+    assert meta["norm"] == "first_delta" and 0.0 <= meta["threshold"] <= 1.0
+    used = {r.rsplit("-s", 1)[0] for r in meta["provenance"]["train_runs"] + meta["provenance"]["val_runs"]}
+    assert used == set(split_ids("train", "text")) | set(split_ids("val", "text"))
+    assert all(r["dataset"] == "text_demo" for r in meta["provenance"]["runs"])

@@ -248,7 +248,8 @@ class Trainer:
         if cfg.schedule.name == "step":
             drops = tuple(sorted({math.ceil(m * steps) for m in cfg.schedule.milestones if 0 < m * steps}))
         self.plan = Plan(epochs=tc.epochs, steps_per_epoch=steps, batch_size=cfg.data.batch_size,
-                         base_lr=cfg.optim.lr, seed=tc.seed, device=str(self.device), lr_drops=drops)
+                         base_lr=cfg.optim.lr, seed=tc.seed, device=str(self.device), lr_drops=drops,
+                         modality=self.batch.modality)
         # sparse training (sparsity.*): masks on conv / linear weights; the cost model counts their density
         self.sparsity = build_sparsity(cfg.sparsity, self.model, self.units, self.optimizer, self.plan.total_steps,
                                        tc.seed)
