@@ -351,3 +351,29 @@ def test_table_a1_plan_is_bert_base_at_128_tokens():
     assert [(r.dataset, r.runs, r.train_samples, r.image_size) for r in rows] == [("glue_mrpc", 12, 3668, 128),
                                                                                  ("glue_cola", 12, 8551, 128)]
     assert 60 < rows[0].gflops_per_sample < 70  # 3 x (2 x 85M weights x 128 tokens + attention), about 67
+
+
+@pytest.mark.parametrize("task", ["mrpc", "cola"])
+def test_glue_save_to_disk_folder_gives_the_tsv_batches(files, task, tmp_path):
+    """A DatasetDict saved with save_to_disk (Hugging Face glue columns) through data.name=glue yields exactly the
+    tokenised batches of the equivalent TSV files."""
+    datasets = pytest.importorskip("datasets")
+    rows = MRPC_ROWS if task == "mrpc" else COLA_ROWS
+
+    def split(rs):
+        if task == "mrpc":
+            return datasets.Dataset.from_dict({"sentence1": [a for _, a, _ in rs], "sentence2": [b for _, _, b in rs],
+                                               "label": [q for q, _, _ in rs], "idx": list(range(len(rs)))})
+        return datasets.Dataset.from_dict({"sentence": [t for _, t in rs], "label": [y for y, _ in rs],
+                                           "idx": list(range(len(rs)))})
+
+    folder = tmp_path / ("MRPC" if task == "mrpc" else "CoLA")
+    datasets.DatasetDict({"train": split(rows), "validation": split(rows[:10])}).save_to_disk(str(folder))
+    tsv = Trainer(load_config(_glue(files, task)))
+    saved = Trainer(load_config([*_glue(files, task), f"data.root={tmp_path}"]))
+    for a, b in ((tsv.data.train, saved.data.train), (tsv.data.val, saved.data.val)):
+        got, want = list(b), list(a)
+        assert len(got) == len(want) > 0
+        for (xa, ya, ia), (xb, yb, ib) in zip(want, got):
+            assert xa.keys() == xb.keys() and all(torch.equal(xa[k], xb[k]) for k in xa)
+            assert torch.equal(ya, yb) and torch.equal(ia, ib)
