@@ -140,6 +140,73 @@ def test_steps_are_counted_at_their_padded_length():
     assert m[M.COST_TFLOPS_FULL] == expected / 1e12 == m[M.COST_TFLOPS]  # `full` freezes nothing
 
 
+def _counted_per_module(model, L):
+    """FlopCounterMode's training-mode FLOPs per sample at ``L`` tokens: the total and each module's inclusive
+    count (names relative to the model)."""
+    model.train()
+    with torch.random.fork_rng(), FlopCounterMode(display=False) as fc:
+        model({"input_ids": torch.ones(2, L, dtype=torch.long), "attention_mask": torch.ones(2, L, dtype=torch.long)})
+    root = type(model).__name__ + "."
+    per = {k[len(root):]: sum(v.values()) / 2 for k, v in fc.get_flop_counts().items() if k.startswith(root)}  # 0: absent
+    return fc.get_total_flops() / 2, per
+
+
+def _reference_step(f, frozen):
+    """freezebench's step convention (freezebench.cost), by hand: the forward of every unit, the weight gradients
+    of the trainable ones, the input gradients of every unit after the first trainable one."""
+    trainable = [i for i in range(len(f)) if i not in frozen]
+    first = trainable[0] if trainable else len(f)
+    return sum(f) + sum(f[i] for i in trainable) + sum(f[first + 1:])
+
+
+def test_sparse_text_steps_count_exact_flops_at_their_padded_length():
+    """Sparse training on bert_tiny (75% uniform sparsity, block units): the masked modules are exactly the
+    encoder layers' linear layers; a step at padded length L costs the dense FlopCounterMode count of each unit
+    with every masked linear layer's own count scaled by its density (attention scores, embeddings, LayerNorm
+    and the dense head unscaled), forward, weight and input gradients as for images, at lengths never traced;
+    a trained epoch's cost/tflops is the sum of that over its batches and cost/tflops_full stays dense."""
+    from torch import nn
+
+    trainer = Trainer(load_config([*TEXT, "trainer.epochs=1", "model.granularity=block", "sparsity.enabled=true",
+                                   "sparsity.sparsity=0.75", "sparsity.distribution=uniform", "sparsity.mask_every=1"]))
+    model, sp = trainer.model, trainer.sparsity
+    encoder_linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".encoder.layer." in n}
+    assert set(sp.names) == encoder_linears and len(encoder_linears) == 12  # 6 per layer; pooler, classifier dense
+    assert all(k / p.numel() == 0.25 for k, p in zip(sp.kept, sp.params))  # 1 - d exactly 3/4: exact floats below
+
+    def reference(L):
+        total, per = _counted_per_module(model, L)
+        dense = [per.get("hf.bert.embeddings", 0.0), per["hf.bert.encoder.layer.0"], per["hf.bert.encoder.layer.1"],
+                 per["hf.bert.pooler"] + per["hf.classifier"]]
+        assert sum(dense) == total  # the four blocks hold every counted FLOP (attention scores inside the layers)
+        sparse = [dense[0], *(dense[1 + i] - 0.75 * sum(per[n] for n in encoder_linears
+                                                          if n.startswith(f"hf.bert.encoder.layer.{i}."))
+                              for i in range(2)), dense[3]]
+        return dense, sparse
+
+    lengths = trainer.batch.lengths
+    for L in (5, 17, 33):
+        dense, sparse = reference(L)
+        assert lengths.at(L).full_step_flops == _reference_step(dense, ())
+        for frozen in ((), (0,), (0, 1), (0, 1, 2)):
+            assert lengths.trained_at(L).step_flops(frozen) == _reference_step(sparse, frozen)
+    assert trainer.cost.f == reference(trainer.data.info.max_length)[1]  # what policies plan with
+
+    expected = expected_full = 0.0
+    loader = trainer.data.train
+    loader.set_epoch(0)
+    for b, (x, y, _) in enumerate(loader):
+        if b == 3:
+            break
+        dense, sparse = reference(x["input_ids"].shape[1])
+        expected += _reference_step(sparse, ()) * len(y)
+        expected_full += _reference_step(dense, ()) * len(y)
+    m = trainer.fit().metrics
+    assert sp.updates > 0  # masks were updated (pruned and regrown); the kept counts, hence the FLOPs, never change
+    assert m[M.COST_TFLOPS] == expected / 1e12 and m[M.COST_TFLOPS_FULL] == expected_full / 1e12
+    assert m[M.SPARSITY_DENSITY] == 0.25
+
+
 def test_length_bucketing_visits_every_sample_once_with_less_padding():
     from freezebench.zoo.text_data import TextLoader
 
@@ -224,7 +291,7 @@ def test_label_count_differing_from_the_head_needs_reinit(capsys, files):
     assert trainer.model.hf.classifier.out_features == 2
 
 
-@pytest.mark.parametrize("key", ["trainer.cache_frozen_prefix=true", "sparsity.enabled=true", "trainer.compile=true"])
+@pytest.mark.parametrize("key", ["trainer.cache_frozen_prefix=true", "trainer.compile=true"])
 def test_trainer_features_text_cannot_have_refuse_in_one_line(capsys, key):
     line = _cli(capsys, [*TEXT, key])
     assert key.rsplit("=", 1)[0] in line and "text" in line
@@ -284,3 +351,29 @@ def test_table_a1_plan_is_bert_base_at_128_tokens():
     assert [(r.dataset, r.runs, r.train_samples, r.image_size) for r in rows] == [("glue_mrpc", 12, 3668, 128),
                                                                                  ("glue_cola", 12, 8551, 128)]
     assert 60 < rows[0].gflops_per_sample < 70  # 3 x (2 x 85M weights x 128 tokens + attention), about 67
+
+
+@pytest.mark.parametrize("task", ["mrpc", "cola"])
+def test_glue_save_to_disk_folder_gives_the_tsv_batches(files, task, tmp_path):
+    """A DatasetDict saved with save_to_disk (Hugging Face glue columns) through data.name=glue yields exactly the
+    tokenised batches of the equivalent TSV files."""
+    datasets = pytest.importorskip("datasets")
+    rows = MRPC_ROWS if task == "mrpc" else COLA_ROWS
+
+    def split(rs):
+        if task == "mrpc":
+            return datasets.Dataset.from_dict({"sentence1": [a for _, a, _ in rs], "sentence2": [b for _, _, b in rs],
+                                               "label": [q for q, _, _ in rs], "idx": list(range(len(rs)))})
+        return datasets.Dataset.from_dict({"sentence": [t for _, t in rs], "label": [y for y, _ in rs],
+                                           "idx": list(range(len(rs)))})
+
+    folder = tmp_path / ("MRPC" if task == "mrpc" else "CoLA")
+    datasets.DatasetDict({"train": split(rows), "validation": split(rows[:10])}).save_to_disk(str(folder))
+    tsv = Trainer(load_config(_glue(files, task)))
+    saved = Trainer(load_config([*_glue(files, task), f"data.root={tmp_path}"]))
+    for a, b in ((tsv.data.train, saved.data.train), (tsv.data.val, saved.data.val)):
+        got, want = list(b), list(a)
+        assert len(got) == len(want) > 0
+        for (xa, ya, ia), (xb, yb, ib) in zip(want, got):
+            assert xa.keys() == xb.keys() and all(torch.equal(xa[k], xb[k]) for k in xa)
+            assert torch.equal(ya, yb) and torch.equal(ia, ib)

@@ -21,7 +21,7 @@ TEXT = ["data.name=text_demo", "data.text_samples=120", "data.batch_size=16", "d
         "schedule.name=linear", "schedule.warmup_fraction=0.1", "tracking.system_metrics=false"]
 
 #: policies that refuse text, with the one line's key (their trainer features have no text form yet)
-REFUSED = {"spfde": "sparsity.enabled"}
+REFUSED: dict[str, str] = {}
 FAST = {"autofreeze", "full"}
 TIERED = [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in POLICIES.names()]
 
@@ -70,12 +70,14 @@ def test_policy_contract_on_text(name, request, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["autofreeze", pytest.param("smartfrz", marks=pytest.mark.slow),
-                                  pytest.param("egeria", marks=pytest.mark.slow)])
+                                  pytest.param("egeria", marks=pytest.mark.slow),
+                                  pytest.param("spfde", marks=pytest.mark.slow)])
 def test_text_run_resumes_bit_for_bit(name, request, tmp_path):
     """Stopped mid-epoch and resumed from last.pt, a text run (dropout, bucketing, dynamic padding, linear
-    schedule) ends with the weights, metrics and freeze events of an uninterrupted run, bit for bit."""
+    schedule) ends with the weights, metrics and freeze events of an uninterrupted run, bit for bit. spfde: a
+    sparse, sieved text run (masks, their updates and the sieve's partial set resume too)."""
     base = [*_overrides(name, request), "tracking.enabled=false", f"trainer.output_dir={tmp_path}",
-            "trainer.save_checkpoint=false"]
+            "trainer.save_checkpoint=false", *(["sparsity.mask_every=2"] if name == "spfde" else [])]
     ref = Trainer(load_config([*base, "tracking.run_name=ref", "trainer.checkpoint_every=0"]))
     expected = ref.fit()
     cut = Trainer(load_config([*base, "tracking.run_name=cut"]), hooks=[StopAt(6)])
@@ -87,6 +89,9 @@ def test_text_run_resumes_bit_for_bit(name, request, tmp_path):
     assert all(torch.equal(v, resumed.model.state_dict()[k]) for k, v in ref.model.state_dict().items())
     assert [_untimed(h) for h in result.history] == [_untimed(h) for h in expected.history]
     assert result.events == expected.events
+    if ref.sparsity is not None:
+        assert resumed.sparsity.updates == ref.sparsity.updates > 0  # mask updates ran on both sides of the cut
+        assert all(torch.equal(a, b) for a, b in zip(resumed.sparsity.masks, ref.sparsity.masks))
 
 
 @pytest.mark.slow

@@ -33,12 +33,25 @@ layer: each masked module's own FLOPs as the partition counted them with ``torch
 ``cost/tflops`` therefore reflects the sparsity; ``cost/tflops_full`` stays the dense, unfrozen cost of the
 same samples, so ``cost/saving_frac`` includes the saving from sparsity. ``sparsity/density`` is logged
 every epoch (kept weights / weights of the masked layers).
+
+Text models (:mod:`freezebench.zoo.text`). The same rule picks the masked modules of a BERT: every
+``nn.Linear`` outside the head unit, i.e. the query, key, value, attention-output, intermediate and output
+projections of each encoder layer (and, at ``layer`` granularity, the pooler's dense layer, which is a unit of
+its own there; at ``block`` granularity it belongs to the head with the classifier and stays dense). Not
+masked: the embeddings (``nn.Embedding``: a lookup, no multiply-adds to skip and no conv / linear weight),
+the LayerNorms (1-D weights; ``torch.utils.flop_counter`` counts no FLOPs for them either) and the attention
+scores and weighted values (``Q K^T`` and ``softmax(.) V`` multiply activations by activations: no weight,
+nothing to mask), so their FLOPs stay dense. A text step is counted at its batch's padded length ``L``
+(:class:`freezebench.trainer.batches.LengthCost`): with ``F_l(L)`` and ``F_m(L)`` the exact dense unit and
+module FLOPs at ``L`` (quadratics in ``L`` fitted exactly from three traces; a linear layer's are linear in
+``L``), the sparse unit FLOPs are ``F_l(L) - sum_m F_m(L) * (1 - d_m)``, the image rule at that length, and
+the step costs what :class:`freezebench.cost.CostModel` makes of them (forward, weight and input gradients).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -180,9 +193,15 @@ class Sparsity:
         ``F_l - sum over masked modules m of unit l of F_m * (1 - d_m)``, with ``F_m`` the module's own FLOPs
         that :func:`freezebench.units.partition` counted with ``torch.utils.flop_counter``.
         """
-        units, counts = partition.units, partition.module_flops
+        return self.scaled_flops([u.flops for u in partition.units], partition.module_flops, partition.units)
+
+    def scaled_flops(self, unit_flops: Sequence[float], module_flops: Mapping[str, float],
+                     units: Sequence[Any]) -> list[float]:
+        """:meth:`unit_flops` for given dense unit FLOPs and module FLOPs of ``units`` (the same units at another
+        input size: a text batch's padded length, :class:`freezebench.trainer.batches.LengthCost`)."""
+        counts = module_flops
         unit_of = {id(m): u.index for u in units for m in u.modules}
-        flops = [float(u.flops) for u in units]
+        flops = [float(f) for f in unit_flops]
         for name, m, kept, p in zip(self.names, self.modules, self.kept, self.params):
             i = unit_of.get(id(m))
             if i is None:

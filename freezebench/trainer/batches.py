@@ -13,7 +13,9 @@ no image / text branches:
   one token), so :class:`LengthCost` traces the model at three lengths and interpolates exactly. Each step is
   counted at its batch's padded length (what was actually trained, padding included); the units' ``flops``
   (what policies and the unit table see, ``units.gflops_per_sample_full``) are at the longest sequence of the
-  data (the logged parameter ``units.flops_length``).
+  data (the logged parameter ``units.flops_length``). Sparse training (``sparsity.*``) rewrites the unit FLOPs
+  from the module FLOPs, which :class:`LengthCost` fits the same way, so sparse text steps are exact too
+  (:meth:`TextBatches.sparse_cost`).
 
 Both give the batch preparation (channels-last images), the forward (``model(x)``: a text model takes the
 input dict), the per-sample losses (cross-entropy), the model, the units and their FLOPs, the step's FLOPs,
@@ -77,6 +79,11 @@ class ImageBatches:
     def partition(self, model: torch.nn.Module, example: Any, granularity: str) -> Partition:
         return partition(model, example, granularity)
 
+    def sparse_cost(self, sparsity: Any, partition: Partition) -> CostModel:
+        """The cost model of sparse training (``sparsity.*``): every masked layer's FLOPs scaled by its density
+        (:meth:`freezebench.features.sparsity.Sparsity.unit_flops`); ``cost/tflops_full`` stays dense."""
+        return CostModel(sparsity.unit_flops(partition), partition.other_flops)
+
     def account(self, trainer: Any, x: Any, n: int, sums: Any) -> None:
         """Add the step's training FLOPs (``n`` samples) to the epoch's sums."""
         sums.flops += trainer.step_cost * n  # step_cost changes only when the frozen set does
@@ -99,15 +106,25 @@ class ImageBatches:
 
 
 class LengthCost:
-    """Per-sample unit FLOPs as exact quadratics in the sequence length, and a :class:`CostModel` per length."""
+    """Per-sample unit FLOPs as exact quadratics in the sequence length, and a :class:`CostModel` per length.
+
+    ``modules`` (per length: each module's inclusive FLOPs, ``Partition.module_flops``) are fitted the same way,
+    so a rule that rewrites unit FLOPs from module FLOPs (sparse training: :meth:`set_scale`) applies at every
+    length exactly: :meth:`at` is the dense cost model, :meth:`trained_at` the one a step is counted with.
+    """
 
     LENGTHS = (2, 3, 4)
 
-    def __init__(self, per_length: dict[int, tuple[list[float], float]]):
+    def __init__(self, per_length: dict[int, tuple[list[float], float]],
+                 modules: dict[int, dict[str, float]] | None = None):
         xs = sorted(per_length)
         cols = [[Fraction(v) for v in per_length[L][0]] + [Fraction(per_length[L][1])] for L in xs]
         self.coeffs = [self._fit(xs, [c[j] for c in cols]) for j in range(len(cols[0]))]
+        names = sorted(set().union(*modules.values())) if modules else []
+        self.module_coeffs = {n: self._fit(xs, [Fraction(modules[L].get(n, 0.0)) for L in xs]) for n in names}
         self._models: dict[int, CostModel] = {}
+        self._scale: Any = None
+        self._trained: dict[int, CostModel] = {}
 
     @staticmethod
     def _fit(xs: list[int], ys: list[Fraction]) -> tuple[Fraction, Fraction, Fraction]:
@@ -122,10 +139,32 @@ class LengthCost:
         vals = [float(c0 + c1 * length + c2 * length * length) for c0, c1, c2 in self.coeffs]
         return vals[:-1], vals[-1]
 
+    def module_flops(self, length: int) -> dict[str, float]:
+        """Each traced module's inclusive forward FLOPs per sample at ``length`` tokens."""
+        return {n: float(c0 + c1 * length + c2 * length * length) for n, (c0, c1, c2) in self.module_coeffs.items()}
+
     def at(self, length: int) -> CostModel:
+        """The dense cost model at ``length`` tokens (``cost/tflops_full``)."""
         cm = self._models.get(length)
         if cm is None:
             cm = self._models[length] = CostModel(*self.flops(length))
+        return cm
+
+    def set_scale(self, scale: Any) -> None:
+        """``scale(unit_flops, module_flops) -> unit_flops`` rewrites the dense unit FLOPs at every length (sparse
+        training: :meth:`freezebench.features.sparsity.Sparsity.scaled_flops`); ``None``: dense."""
+        self._scale = scale
+        self._trained = {}
+
+    def trained_at(self, length: int) -> CostModel:
+        """The cost model a step at ``length`` tokens is counted with (``cost/tflops``): :meth:`at` rewritten by
+        the scale of :meth:`set_scale`, if any."""
+        if self._scale is None:
+            return self.at(length)
+        cm = self._trained.get(length)
+        if cm is None:
+            units, other = self.flops(length)
+            cm = self._trained[length] = CostModel(self._scale(units, self.module_flops(length)), other)
         return cm
 
 
@@ -144,9 +183,6 @@ class TextBatches(ImageBatches):
         if tc.cache_frozen_prefix:
             raise ConfigError("trainer.cache_frozen_prefix stores one fixed-shape output per sample, but text batches "
                               "are padded per batch (variable sequence lengths): set trainer.cache_frozen_prefix=false")
-        if cfg.sparsity.enabled:
-            raise ConfigError("sparsity.enabled=true is for image models (its cost model has no sequence length); "
-                              "set sparsity.enabled=false on text")
         if tc.compile:
             raise ConfigError("trainer.compile=true would recompile for every padded sequence length of a text "
                               "batch; set trainer.compile=false on text")
@@ -179,26 +215,35 @@ class TextBatches(ImageBatches):
         return ex
 
     def partition(self, model: torch.nn.Module, example: Any, granularity: str) -> Partition:
-        per_length = {}
+        per_length, modules = {}, {}
         names = None
         for L in LengthCost.LENGTHS:
             part = partition(model, self._example(example, L), granularity)
             if names is None:
                 names = [u.name for u in part.units]
             per_length[L] = ([u.flops for u in part.units], part.other_flops)
-        self.lengths = LengthCost(per_length)
+            modules[L] = part.module_flops
+        self.lengths = LengthCost(per_length, modules)
         ref = partition(model, self._example(example, self.info.max_length), granularity)
         assert [u.name for u in ref.units] == names
         flops, other = self.lengths.flops(self.info.max_length)
         for u, f in zip(ref.units, flops):
             u.flops = f
         ref.other_flops = other
+        ref.module_flops = self.lengths.module_flops(self.info.max_length)
         return ref
 
+    def sparse_cost(self, sparsity: Any, partition: Partition) -> CostModel:
+        """Every step from now on counted with the sparse unit FLOPs at its own padded length (the image rule of
+        :meth:`ImageBatches.sparse_cost` applied at each length); returns the cost model at the units' length."""
+        units = partition.units
+        self.lengths.set_scale(lambda flops, modules: sparsity.scaled_flops(flops, modules, units))
+        return self.lengths.trained_at(self.info.max_length)
+
     def account(self, trainer: Any, x: Any, n: int, sums: Any) -> None:
-        cm = self.lengths.at(int(x["input_ids"].shape[1]))
-        sums.flops += cm.step_flops(trainer.freezer.frozen) * n
-        sums.flops_full += cm.full_step_flops * n
+        L = int(x["input_ids"].shape[1])
+        sums.flops += self.lengths.trained_at(L).step_flops(trainer.freezer.frozen) * n
+        sums.flops_full += self.lengths.at(L).full_step_flops * n  # dense, unfrozen
 
     def epoch_full_flops(self, trainer: Any, sums: Any) -> float:
         return sums.flops_full

@@ -254,7 +254,7 @@ class Trainer:
         self.sparsity = build_sparsity(cfg.sparsity, self.model, self.units, self.optimizer, self.plan.total_steps,
                                        tc.seed)
         if self.sparsity is not None:
-            self.cost = CostModel(self.sparsity.unit_flops(self.partition), self.partition.other_flops)
+            self.cost = self.batch.sparse_cost(self.sparsity, self.partition)  # text: at each padded length
         self.policy.setup(self.units, self.plan)
         self.cache: PrefixCache | None = self._build_cache()
         self.compiler = compiling.attach(self)  # trainer.compile: one graph per frozen set (None when off)
