@@ -154,7 +154,7 @@ def test_killed_worker_trial_is_taken_over_on_rerun(tmp_path, mlflow_uri):
     lost, retry = by_index[1]
     assert lost.number == killed and lost.state == TrialState.FAIL
     assert lost.user_attrs["fail_reason"].startswith("worker lost: no heartbeat")
-    assert retry.state == TrialState.COMPLETE and retry.user_attrs["retry_of"] == killed
+    assert retry.state == TrialState.COMPLETE and retry.user_attrs["retry_of"] == killed, retry.user_attrs
     assert [t.state for t in by_index[2]] == [TrialState.COMPLETE]
     assert sorted(res.ran) == sorted([retry.number, by_index[2][0].number])
     assert [r["n"] for r in res.rows] == [1, 1, 1] and all(r["failed"] == 0 for r in res.rows)
