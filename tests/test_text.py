@@ -336,7 +336,7 @@ def test_text_suites_plan_and_name_missing_files(capsys, tmp_path):
     from freezebench.sweeps.suite import load_suite
 
     [row] = plan_suite(load_suite("text_demo_suite"))
-    assert (row.model, row.dataset, row.runs, row.epochs, row.train_samples) == ("bert_tiny", "text_demo", 10, 3, 1280)
+    assert (row.model, row.dataset, row.runs, row.epochs, row.train_samples) == ("bert_tiny", "text_demo", 11, 3, 1280)
     line = one_line(capsys, main(["suite", "table_a1", f"data.root={tmp_path}", "--storage",
                                   f"sqlite:///{tmp_path}/o.db"]))
     assert f"expected {tmp_path}/MRPC/train.tsv" in line
