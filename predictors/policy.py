@@ -191,7 +191,7 @@ class SmartFRZ(FreezePolicy):
         c = self.cfg
         self.validate_config(c)
         self.predictor, self.predictor_meta = load_predictor(
-            self.weights_path(c, getattr(plan, "modality", "image")), tailor_size=c.tailor_size, window=None if c.any_window else c.window,
+            self.weights_path(c, plan.modality), tailor_size=c.tailor_size, window=None if c.any_window else c.window,
             device=plan.device,
         )
         # the predictor file may carry a decision threshold chosen on validation runs (default: argmax)

@@ -199,7 +199,6 @@ class Sparsity:
                      units: Sequence[Any]) -> list[float]:
         """:meth:`unit_flops` for given dense unit FLOPs and module FLOPs of ``units`` (the same units at another
         input size: a text batch's padded length, :class:`freezebench.trainer.batches.LengthCost`)."""
-        counts = module_flops
         unit_of = {id(m): u.index for u in units for m in u.modules}
         flops = [float(f) for f in unit_flops]
         for name, m, kept, p in zip(self.names, self.modules, self.kept, self.params):
@@ -207,7 +206,7 @@ class Sparsity:
             if i is None:
                 continue
             d = kept / p.numel()
-            flops[i] -= counts.get(name, 0.0) * (1.0 - d)
+            flops[i] -= module_flops.get(name, 0.0) * (1.0 - d)
         return [max(0.0, f) for f in flops]
 
     # --- checkpointing ---------------------------------------------------------------------------------
